@@ -1,0 +1,1 @@
+"""Library behind the stage scripts: data, backbones, anonymizers, probing, metrics and io."""

@@ -1,0 +1,135 @@
+"""Embedding databases, result files and the user-facing error convention.
+
+Stages talk only through `.npz` files with the keys `embeddings` (float32, N x D)
+and `labels` (int64, N), as the paper's code reads them. We add a `meta` key (a
+JSON string) recording the settings and versions that produced the file. Every
+write goes to a temporary file in the same folder and is renamed into place, so a
+failed run never leaves a half-written or clobbered output behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+
+class UserError(Exception):
+    """Bad input the user can fix: reported as one line on stderr, exit status 2."""
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a script's main(), turning UserError into a one-line message and exit status 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour shapes the numbers we write."""
+    versions = {"python": sys.version.split()[0]}
+    for name in ("torch", "torchvision", "timm", "numpy", "scikit-learn", "medmnist"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def file_fingerprint(path: Path) -> str:
+    """SHA-256 of a file's bytes (first 16 hex digits): identifies the data a result came from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def array_fingerprint(*arrays: np.ndarray) -> str:
+    """SHA-256 over arrays' shapes, dtypes and bytes (first 16 hex digits)."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.shape}{array.dtype}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise UserError(f"cannot write to {path.parent}: {err.strerror}; choose a writable folder") from err
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_database(path: Path, embeddings: np.ndarray, labels: np.ndarray, meta: dict) -> None:
+    """Write an embedding database atomically (keys embeddings, labels, meta)."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    if embeddings.ndim != 2 or labels.shape != (embeddings.shape[0],):
+        raise ValueError(f"bad database shapes: embeddings {embeddings.shape}, labels {labels.shape}")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, embeddings=embeddings, labels=labels, meta=np.array(json.dumps(meta)))
+
+
+def load_database(path: Path, hint: str = "") -> tuple[np.ndarray, np.ndarray, dict]:
+    """Read and validate an embedding database: (embeddings float32 N x D, labels int64 N, meta).
+
+    `hint` says which command makes the file, for the error when it is missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing database {path}" + (f"; create it with: {hint}" if hint else ""))
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "embeddings" not in npz or "labels" not in npz:
+                raise UserError(f"{path} lacks the keys 'embeddings' and 'labels'; recreate it")
+            embeddings = np.asarray(npz["embeddings"], dtype=np.float32)
+            labels = npz["labels"]
+            meta = json.loads(str(npz["meta"])) if "meta" in npz else {}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise UserError(f"cannot read database {path} ({err}); delete it and recreate it") from err
+    if embeddings.ndim != 2 or embeddings.shape[0] == 0:
+        raise UserError(f"{path}: embeddings must be a non-empty N x D array, got shape {embeddings.shape}")
+    if labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise UserError(f"{path}: {labels.shape[0] if labels.ndim == 1 else labels.shape} labels "
+                        f"for {embeddings.shape[0]} embeddings; recreate it")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: labels must be integers, got {labels.dtype}; recreate it")
+    if not np.isfinite(embeddings).all():
+        raise UserError(f"{path}: embeddings contain NaN or infinite values; recreate it")
+    return embeddings, labels.astype(np.int64), meta
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write a result file atomically, pretty-printed so it reads as a simple file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def database_dir(database_root: Path, dataset: str, backbone: str) -> Path:
+    """Folder of one dataset's embeddings for one backbone: <root>/<dataset>/<backbone>/."""
+    safe_dataset = dataset.replace(":", "_").replace("/", "_")
+    return Path(database_root) / safe_dataset / backbone
