@@ -13,8 +13,9 @@ import math
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 from src.backbones import Backbone
@@ -22,17 +23,21 @@ from src.data.base import ImageSplit
 
 
 class DeviceTransform:
-    """timm's eval transform (resize shorter side, center crop, normalise) on uint8 NHWC tensors.
+    """timm's eval transform (resize, center crop, normalise) on uint8 NHWC tensors on any device.
 
-    Matches `timm.data.create_transform(is_training=False)` for crop_mode 'center' and
-    'squash'; torch's interpolation stands in for PIL's, so values differ slightly.
+    Same steps as `timm.data.create_transform(is_training=False)` for crop_mode 'center' and
+    'squash', through torchvision's tensor functions; tensor interpolation stands in for PIL's,
+    so values differ slightly.
     """
 
     def __init__(self, data_config: dict, device: torch.device) -> None:
-        _, self.height, self.width = data_config["input_size"]
-        self.crop_pct = data_config.get("crop_pct") or 1.0
-        self.crop_mode = data_config.get("crop_mode", "center")
-        self.mode = "bilinear" if data_config.get("interpolation") == "bilinear" else "bicubic"
+        _, height, width = data_config["input_size"]
+        self.crop_size = [height, width]
+        crop_pct = data_config.get("crop_pct") or 1.0
+        scale = [math.floor(height / crop_pct), math.floor(width / crop_pct)]
+        # one int resizes the shorter side keeping the aspect ratio; 'squash' resizes to the box
+        self.resize_size = scale if data_config.get("crop_mode") == "squash" or height != width else scale[0]
+        self.interpolation = InterpolationMode(data_config.get("interpolation", "bicubic"))
         self.mean = torch.tensor(data_config["mean"], device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(data_config["std"], device=device).view(1, 3, 1, 1) * 255
 
@@ -40,18 +45,8 @@ class DeviceTransform:
         images = images.permute(0, 3, 1, 2).float()  # N x C x H x W, 0..255
         if images.shape[1] == 1:  # grey -> RGB, as the backbones expect
             images = images.expand(-1, 3, -1, -1)
-        scale_h, scale_w = math.floor(self.height / self.crop_pct), math.floor(self.width / self.crop_pct)
-        if self.crop_mode == "squash":
-            size = (scale_h, scale_w)
-        else:  # resize the shorter side, keep the aspect ratio
-            in_h, in_w = images.shape[-2:]
-            ratio = scale_h / min(in_h, in_w)
-            size = (scale_h, int(in_w * ratio)) if in_h <= in_w else (int(in_h * ratio), scale_h)
-        images = F.interpolate(images, size=size, mode=self.mode, antialias=True, align_corners=False)
-        images = images.clamp_(0, 255)
-        top = (images.shape[-2] - self.height) // 2
-        left = (images.shape[-1] - self.width) // 2
-        images = images[..., top:top + self.height, left:left + self.width]
+        images = TF.resize(images, self.resize_size, interpolation=self.interpolation, antialias=True)
+        images = TF.center_crop(images.clamp_(0, 255), self.crop_size)
         return (images - self.mean) / self.std
 
 

@@ -76,6 +76,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise UserError(f"cannot write to {path.parent}: {err.strerror}; choose a writable folder") from err
     os.close(handle)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # mkstemp makes 0600; outputs should get the usual permissions
     try:
         yield tmp
         os.replace(tmp, path)
