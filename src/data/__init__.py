@@ -1,7 +1,8 @@
 """Dataset registry: a name (as on the command line) maps to a loader of one split.
 
 A loader takes (root, split, options) and returns an ImageSplit. Adding a dataset
-is one module with a loader and one line in DATASETS.
+is one module with a loader and one line in DATASETS. `imagefolder:<path>` names a
+user's own `<path>/{train,val,test}/<class>/` tree instead of a registered dataset.
 """
 from __future__ import annotations
 
@@ -9,10 +10,25 @@ from pathlib import Path
 
 from src.data.base import SPLITS, DatasetOptions, ImageSplit, Loader
 from src.data.digits import load_digits_split
+from src.data.imagefolder import load_imagefolder_split
+from src.data.medimeta import MEDIMETA_TASKS, medimeta_loader
+from src.data.medmnist import MEDMNIST_FLAGS, medmnist_loader
+from src.data.octdl import load_octdl_split
+from src.data.torchvision_sets import (load_aircraft_split, load_dtd_split, load_oxford_pets_split,
+                                       load_stl10_split)
 from src.io import UserError
+
+IMAGEFOLDER_PREFIX = "imagefolder:"
 
 DATASETS: dict[str, Loader] = {
     "digits": load_digits_split,
+    **{flag: medmnist_loader(flag) for flag in MEDMNIST_FLAGS},  # breastmnist, pathmnist, ... (2D only)
+    **{dataset_id: medimeta_loader(dataset_id) for dataset_id in MEDIMETA_TASKS},  # organs_axial, skinl_derm
+    "octdl": load_octdl_split,
+    "dtd": load_dtd_split,
+    "aircraft": load_aircraft_split,
+    "stl10": load_stl10_split,
+    "oxford-pets": load_oxford_pets_split,
 }
 
 
@@ -25,8 +41,11 @@ def load_split(name: str, root: Path, split: str, options: DatasetOptions | None
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     options = options or DatasetOptions()
+    if name.startswith(IMAGEFOLDER_PREFIX):
+        return load_imagefolder_split(Path(name[len(IMAGEFOLDER_PREFIX):]), split, options)
     if name not in DATASETS:
-        raise UserError(f"unknown --dataset {name!r}; choose one of {', '.join(dataset_names())}")
+        raise UserError(f"unknown --dataset {name!r}; choose one of {', '.join(dataset_names())} "
+                        f"or {IMAGEFOLDER_PREFIX}<path>")
     return DATASETS[name](Path(root), split, options)
 
 
