@@ -1,0 +1,172 @@
+"""Linear probe on frozen embeddings: z-scoring, training with early stopping, prediction.
+
+The probe is one nn.Linear trained as the reference does (Adam, cross-entropy,
+ReduceLROnPlateau and early stopping on validation loss, best weights restored).
+All data sits on the device as tensors and mini-batches are gathered by index, so
+an epoch costs a few kernel launches per batch instead of per-sample collation.
+Shuffling uses a seeded CPU generator, so the batch order is the same on every device.
+
+The training set is either fixed tensors or a callable `epoch -> (x, y)` that draws
+fresh samples each epoch (the online CVAE). Trained probes are cached under a key
+hashed from the config, seed and data fingerprints, so a changed input never
+reuses a stale checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from src.io import atomic_path
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+TrainSource = Union[Batch, Callable[[int], Batch]]
+
+
+def zscore_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std of `x`; a constant feature gets std 1 so it maps to 0, not NaN."""
+    x = np.asarray(x, dtype=np.float64)
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    std[std < 1e-12] = 1.0
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def zscore(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    return ((np.asarray(x, dtype=np.float32) - mean) / std).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    max_epochs: int = 100
+    lr_patience: int = 5  # ReduceLROnPlateau on validation loss
+    min_lr: float = 1e-5
+    early_stopping_patience: int = 5  # epochs without a new best validation loss
+
+
+def probe_checkpoint_path(ckpt_dir: Path, config: ProbeConfig, seed: int, num_classes: int,
+                          key_material: dict) -> Path:
+    """Checkpoint file named by a hash of everything that determines the trained probe.
+
+    `key_material` holds fingerprints of the data (src.io.array_fingerprint) or, for a
+    callable source, whatever identifies the generator that feeds it.
+    """
+    key = json.dumps({"config": asdict(config), "seed": seed, "num_classes": num_classes,
+                      "data": key_material}, sort_keys=True)
+    return Path(ckpt_dir) / f"probe-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Linear, x: torch.Tensor, y: torch.Tensor, block_size: int = 65536) -> float:
+    model.eval()
+    total = sum(F.cross_entropy(model(x[i:i + block_size]), y[i:i + block_size], reduction="sum")
+                for i in range(0, len(x), block_size))
+    return float(total) / len(x)
+
+
+def train_probe(train_source: TrainSource, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int,
+                config: ProbeConfig, device: torch.device, seed: int,
+                checkpoint: Path | None = None) -> tuple[nn.Linear, dict]:
+    """Train a linear probe; return it in eval mode with the best validation weights, and its history.
+
+    With `checkpoint` set, an existing file is loaded instead of training, and a new
+    probe is saved there. Everything stays float32: the layer is too small for bf16 to pay.
+    """
+    val_x, val_y = val_x.to(device, torch.float32), val_y.to(device, torch.long)
+    model = seeded_linear(val_x.shape[1], num_classes, seed).to(device)
+    if checkpoint is not None and Path(checkpoint).is_file():
+        saved = torch.load(checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        return model.eval(), saved["history"]
+
+    with _one_cpu_thread(device):
+        model, history = _fit(model, train_source, val_x, val_y, config, device, seed)
+    if checkpoint is not None:
+        with atomic_path(Path(checkpoint)) as tmp:
+            torch.save({"state_dict": model.state_dict(), "history": history}, tmp)
+    return model.eval(), history
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run on one CPU thread: the probe's ops are too small to gain from more, and on a busy
+    machine waiting for a descheduled second thread made training up to 100x slower."""
+    previous = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fit(model: nn.Linear, train_source: TrainSource, val_x: torch.Tensor, val_y: torch.Tensor,
+         config: ProbeConfig, device: torch.device, seed: int) -> tuple[nn.Linear, dict]:
+    """The training loop: Adam, ReduceLROnPlateau and early stopping on validation loss, best weights kept."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=config.lr_patience,
+                                                           min_lr=config.min_lr)
+    shuffle_generator = torch.Generator().manual_seed(seed)
+    history: dict = {"train_loss": [], "val_loss": [], "lr": []}
+    best_loss, best_state, best_epoch = float("inf"), copy.deepcopy(model.state_dict()), -1
+    for epoch in (bar := tqdm(range(config.max_epochs), desc="probe", leave=False, disable=None)):
+        x, y = train_source(epoch) if callable(train_source) else train_source
+        x, y = x.to(device, torch.float32), y.to(device, torch.long)
+        history["lr"].append(optimizer.param_groups[0]["lr"])
+        history["train_loss"].append(_train_epoch(model, optimizer, x, y, config.batch_size, shuffle_generator))
+        loss = validation_loss(model, val_x, val_y)
+        history["val_loss"].append(loss)
+        scheduler.step(loss)
+        if loss < best_loss:
+            best_loss, best_state, best_epoch = loss, copy.deepcopy(model.state_dict()), epoch
+        bar.set_postfix(val_loss=f"{loss:.4f}")
+        if epoch - best_epoch >= config.early_stopping_patience:
+            break
+    model.load_state_dict(best_state)
+    history["best_epoch"] = best_epoch
+    return model, history
+
+
+def seeded_linear(in_features: int, num_classes: int, seed: int) -> nn.Linear:
+    """nn.Linear with torch's default init drawn from `seed`, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Linear(in_features, num_classes)
+
+
+def _train_epoch(model: nn.Linear, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 batch_size: int, generator: torch.Generator) -> float:
+    """One pass over (x, y) in shuffled mini-batches; returns the mean training loss."""
+    model.train()
+    order = torch.randperm(len(x), generator=generator).to(x.device)
+    total = torch.zeros((), device=x.device)
+    for start in range(0, len(x), batch_size):
+        index = order[start:start + batch_size]
+        loss = F.cross_entropy(model(x[index]), y[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * len(index)
+    return float(total) / len(x)
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Linear, x: torch.Tensor, block_size: int = 65536) -> np.ndarray:
+    """Softmax class probabilities, N x C, as float64 numpy for the metrics."""
+    model.eval()
+    device = next(model.parameters()).device
+    probs = [F.softmax(model(x[i:i + block_size].to(device, torch.float32)), dim=1).cpu()
+             for i in range(0, len(x), block_size)]
+    return torch.cat(probs).double().numpy()
