@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 
 from src.evaluation import (add_anonymizer_arguments, add_common_arguments, add_sigma_argument, checked_sigmas,
-                            result_path, run_probing)
-from src.io import run_cli, write_json
+                            run_probing, write_noise_results)
+from src.io import run_cli
 
 
 def main() -> None:
@@ -19,11 +19,7 @@ def main() -> None:
     add_sigma_argument(parser)
     args = parser.parse_args()
     flag, results = run_probing(args, checked_sigmas(args.sigma))
-    for sigma, result in results.items():
-        path = result_path(args, flag, sigma)
-        write_json(path, result)
-        print(f"{args.dataset} {flag} seed {args.seed} sigma {sigma:g}: AUC {result['auc']:.2f}, "
-              f"accuracy {result['accuracy']:.2f} -> {path}")
+    write_noise_results(args, flag, results)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import torch
 
 from src.cvae import CVAEConfig, OnlineSampler, checkpoint_path, load_or_train_cvae
 from src.evaluation import (add_common_arguments, add_sigma_argument, checked_sigmas, load_probe_data,
-                            noisy_test_metrics, probe_config, released_privacy, result_path, result_record)
-from src.io import UserError, array_fingerprint, database_dir, run_cli, write_json
+                            noisy_test_metrics, probe_config, released_privacy, result_record, write_noise_results)
+from src.io import UserError, array_fingerprint, database_dir, run_cli
 from src.probe import probe_checkpoint_path, train_probe, zscore, zscore_stats
 from src.runtime import resolve_device, seed_everything
 
@@ -73,12 +73,8 @@ def main() -> None:
     privacy = released_privacy(first_x, data.train_x, data.test_x, device)
     released = dataclasses.replace(data, released_x=first_x, released_y=first_y)
     flag = f"cvae-online-v{args.variance:g}"
-    for sigma in sigmas:
-        result = result_record(utility[sigma], privacy, sigma, args, released, history)
-        path = result_path(args, flag, sigma)
-        write_json(path, result)
-        print(f"{args.dataset} {flag} seed {args.seed} sigma {sigma:g}: AUC {result['auc']:.2f}, "
-              f"accuracy {result['accuracy']:.2f} -> {path}")
+    write_noise_results(args, flag, {sigma: result_record(utility[sigma], privacy, sigma, args, released, history)
+                                     for sigma in sigmas})
 
 
 if __name__ == "__main__":

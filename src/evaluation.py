@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.io import UserError, array_fingerprint, database_dir, file_fingerprint, load_database, package_versions
+from src.io import (UserError, array_fingerprint, database_dir, file_fingerprint, load_database, package_versions,
+                    write_json)
 from src.metrics import accuracy, auroc, balanced_accuracy, privacy_metrics
 from src.probe import ProbeConfig, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
 from src.runtime import resolve_device
@@ -91,6 +92,15 @@ def result_path(args: argparse.Namespace, flag: str, sigma: float | None = None)
     folder = database_dir(args.output_root, args.dataset, "")
     suffix = f"_sigma-{sigma:g}" if sigma is not None else ""
     return folder / f"{folder.name}_{flag}-s{args.seed}{suffix}.json"
+
+
+def write_noise_results(args: argparse.Namespace, flag: str, results: dict[float, dict]) -> None:
+    """One result file per sigma, named as the reference does, with a one-line summary each."""
+    for sigma, result in results.items():
+        path = result_path(args, flag, sigma)
+        write_json(path, result)
+        print(f"{args.dataset} {flag} seed {args.seed} sigma {sigma:g}: AUC {result['auc']:.2f}, "
+              f"accuracy {result['accuracy']:.2f} -> {path}")
 
 
 @dataclass
