@@ -1,0 +1,87 @@
+"""k-Same against a plain N x N implementation of the reference procedure."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from src.io import UserError
+from src.ksame import ksame, ksame_clusters
+
+CPU = torch.device("cpu")
+
+
+def reference_clusters(embeddings: np.ndarray, k: int) -> np.ndarray:
+    """The reference procedure, literally: full float64 distance matrix, sums rescanned each step."""
+    n = len(embeddings) - len(embeddings) % k
+    x = embeddings[:n].astype(np.float64)
+    dist = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    unassigned = np.ones(n, dtype=bool)
+    clusters = []
+    while unassigned.any():
+        rows = np.flatnonzero(unassigned)
+        pivot = rows[np.argmax(dist[np.ix_(rows, rows)].sum(1))]  # argmax: first (lowest) index on ties
+        others = rows[rows != pivot]
+        neighbours = others[np.argsort(dist[pivot, others], kind="stable")[:k - 1]]
+        clusters.append([pivot, *neighbours])
+        unassigned[clusters[-1]] = False
+    return np.array(clusters, dtype=np.int64)
+
+
+def small_blocks(embeddings: np.ndarray, k: int) -> np.ndarray:
+    """Our clustering with tiny blocks and frequent refreshes, so every code path runs on small data."""
+    return ksame_clusters(embeddings, k, CPU, block_size=16, top_size=8, list_length=4)
+
+
+@pytest.mark.parametrize("n, k", [(40, 2), (61, 2), (75, 3), (101, 5), (123, 10), (200, 5), (203, 3)])
+def test_clusters_match_reference_on_random_data(n: int, k: int) -> None:
+    rng = np.random.default_rng(n * 100 + k)
+    centres = rng.normal(scale=3.0, size=(4, 12))
+    embeddings = (centres[rng.integers(0, 4, n)] + rng.normal(size=(n, 12)) + 5.0).astype(np.float32)
+    expected = reference_clusters(embeddings, k)
+    np.testing.assert_array_equal(small_blocks(embeddings, k), expected)
+    np.testing.assert_array_equal(ksame_clusters(torch.from_numpy(embeddings), k, CPU), expected)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 10])
+def test_duplicates_and_equal_distances_go_to_the_lowest_index(k: int) -> None:
+    rng = np.random.default_rng(k)
+    distinct = rng.normal(size=(30, 6)).astype(np.float32)
+    embeddings = distinct[rng.integers(0, 30, 97)]  # many exact copies
+    np.testing.assert_array_equal(small_blocks(embeddings, k), reference_clusters(embeddings, k))
+    # Points on a line at integer positions: many equal distances and equal sums.
+    line = np.repeat(rng.integers(0, 7, 83)[:, None], 5, axis=1).astype(np.float32)
+    np.testing.assert_array_equal(small_blocks(line, k), reference_clusters(line, k))
+
+
+def test_all_points_identical() -> None:
+    embeddings = np.ones((11, 4), dtype=np.float32)
+    np.testing.assert_array_equal(small_blocks(embeddings, 3), np.arange(9).reshape(3, 3))
+
+
+@pytest.mark.parametrize("n, k", [(50, 2), (53, 5), (99, 10)])
+def test_ksame_replaces_rows_by_cluster_means_and_keeps_labels(n: int, k: int) -> None:
+    rng = np.random.default_rng(n)
+    embeddings = rng.normal(size=(n, 9)).astype(np.float32)
+    labels = rng.integers(0, 3, n)
+    anonymized, kept_labels = ksame(embeddings, labels, k, CPU)
+    kept = n - n % k
+    assert anonymized.dtype == np.float32 and anonymized.shape == (kept, 9)
+    np.testing.assert_array_equal(kept_labels, labels[:kept])  # the last n mod k rows are dropped
+    for cluster in reference_clusters(embeddings, k):
+        mean = embeddings[cluster].astype(np.float64).mean(0)
+        np.testing.assert_allclose(anonymized[cluster], np.broadcast_to(mean, (k, 9)), rtol=1e-6, atol=1e-6)
+    assert len(np.unique(anonymized, axis=0)) == kept // k
+
+
+@pytest.mark.parametrize("k, n", [(1, 10), (0, 10), (11, 10)])
+def test_bad_k_is_a_user_error_naming_the_flag(k: int, n: int) -> None:
+    embeddings = np.zeros((n, 3), dtype=np.float32)
+    with pytest.raises(UserError, match="--k" if k < 2 else "--k 11 .* N = 10"):
+        ksame(embeddings, np.zeros(n, dtype=np.int64), k, CPU)
+
+
+def test_k_equal_to_n_makes_one_cluster() -> None:
+    embeddings = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32)
+    anonymized, _ = ksame(embeddings, np.arange(7), 7, CPU)
+    np.testing.assert_allclose(anonymized, np.broadcast_to(embeddings.mean(0), (7, 3)), rtol=1e-6, atol=1e-6)
