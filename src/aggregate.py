@@ -1,0 +1,334 @@
+"""Seed-aggregated tables and figures from probe result files, in the paper's layout.
+
+`python -m src.aggregate RESULTS_DIR [--out DIR]` reads every result file named as
+the probe scripts name them, `<dataset>_<flag>-s<seed>[_sigma-<sigma>].json`, groups
+them by dataset x anonymizer x test-noise sigma, and reduces over seeds to mean and
+sample standard deviation (ddof=1; a single seed has no std and is marked n=1).
+It writes, per metric and sigma, a table with datasets as rows and anonymizers as
+columns (Markdown, CSV, LaTeX), a long-format summary.csv, report.md (what it
+prints) and, when matplotlib is installed, AUC-vs-sigma and privacy-utility plots.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from src.io import UserError, atomic_path, run_cli
+
+RESULT_NAME = re.compile(
+    r"^(?P<dataset>.+)_(?P<flag>identity|ksame-(?P<k>\d+)|cvae-online-v(?P<variance>.+?)|cvae)"
+    r"-s(?P<seed>-?\d+)(?:_sigma-(?P<sigma>[^_]+))?\.json$")
+METRICS = ("auc", "accuracy", "balanced_accuracy", "average_mindistance", "dcr_p5", "dcr_p50", "mia_auc")
+TABLE_METRICS = ("auc", "average_mindistance", "dcr_p5", "dcr_p50", "mia_auc")  # utility + privacy
+PRIVACY_AXES = ("average_mindistance", "mia_auc")  # y axes of the privacy-utility plot
+STD_NOTE = "mean ± sample std (ddof=1) over seeds; n = number of seeds when not all cells have the same"
+
+
+@dataclass(frozen=True)
+class Result:
+    """One probe result file: which cell of the grid it belongs to, and its metrics."""
+
+    path: Path
+    dataset: str
+    anonymizer: str
+    sigma: float
+    seed: int
+    metrics: dict[str, float]
+    plain: bool  # written by the no-noise probe (file name without _sigma-)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One metric reduced over seeds for a dataset x anonymizer x sigma."""
+
+    dataset: str
+    anonymizer: str
+    sigma: float
+    metric: str
+    mean: float
+    std: float  # NaN when n == 1
+    n: int
+
+
+def anonymizer_label(match: re.Match) -> str:
+    """Column name: the file's flag, with the online CVAE at the paper's variance 1 shown as `cvae-online`."""
+    if match["variance"] is None:
+        return match["flag"]
+    return "cvae-online" if float(match["variance"]) == 1.0 else match["flag"]
+
+
+def anonymizer_order(label: str) -> tuple[int, float]:
+    """Paper column order: identity, k-Same by k, offline CVAE, online CVAE by variance."""
+    if label == "identity":
+        return (0, 0.0)
+    if label.startswith("ksame-"):
+        return (1, float(label[len("ksame-"):]))
+    if label == "cvae":
+        return (2, 0.0)
+    return (3, float(label[len("cvae-online-v"):]) if label != "cvae-online" else 1.0)
+
+
+def find_results(results_dir: Path) -> list[Path]:
+    """Every file under `results_dir` named like a probe result, sorted by path."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise UserError(f"results folder {results_dir} does not exist; give the folder the probes wrote to")
+    paths = sorted(path for path in results_dir.rglob("*.json") if RESULT_NAME.match(path.name))
+    if not paths:
+        raise UserError(f"no result files (<dataset>_<flag>-s<seed>.json) under {results_dir}; run the probes first")
+    return paths
+
+
+def load_results(paths: Iterable[Path]) -> list[Result]:
+    """Parse result files; a plain probe result wins over a sigma-0 noise result for the same seed."""
+    chosen: dict[tuple, Result] = {}
+    for path in map(Path, paths):
+        match = RESULT_NAME.match(path.name)
+        if match is None:
+            raise UserError(f"{path}: not a result file name (<dataset>_<flag>-s<seed>[_sigma-<s>].json)")
+        try:
+            payload = json.loads(path.read_text())
+            sigma = float(match["sigma"]) if match["sigma"] is not None else 0.0
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read result {path} ({err}); rerun the probe that writes it") from err
+        if not isinstance(payload, dict) or not isinstance(payload.get("auc"), (int, float)):
+            raise UserError(f"{path}: no numeric 'auc'; rerun the probe that writes it")
+        metrics = {name: float(payload[name]) for name in METRICS
+                   if isinstance(payload.get(name), (int, float)) and not isinstance(payload[name], bool)}
+        result = Result(path, match["dataset"], anonymizer_label(match), sigma, int(match["seed"]),
+                        metrics, plain=match["sigma"] is None)
+        key = (result.dataset, result.anonymizer, result.sigma, result.seed)
+        other = chosen.get(key)
+        if other is not None and other.plain == result.plain:
+            raise UserError(f"two results for the same run: {other.path} and {path}; remove one")
+        if other is None or result.plain:
+            chosen[key] = result
+    return list(chosen.values())
+
+
+def summarise(results: list[Result]) -> list[Cell]:
+    """Mean and sample std over seeds of every metric, in order of first appearance of each group."""
+    groups: dict[tuple[str, str, float], list[Result]] = {}
+    for result in results:
+        groups.setdefault((result.dataset, result.anonymizer, result.sigma), []).append(result)
+    cells = []
+    for (dataset, anonymizer, sigma), members in groups.items():
+        for metric in METRICS:
+            values = np.array([member.metrics[metric] for member in members if metric in member.metrics])
+            if len(values):
+                std = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+                cells.append(Cell(dataset, anonymizer, sigma, metric, float(values.mean()), std, len(values)))
+    return cells
+
+
+def grid(cells: list[Cell], metric: str, sigma: float) -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
+    """Rows (datasets), columns (anonymizers in paper order) and cells of one metric at one sigma."""
+    chosen = {(c.dataset, c.anonymizer): c for c in cells if c.metric == metric and c.sigma == sigma}
+    datasets = list(dict.fromkeys(dataset for dataset, _ in chosen))
+    anonymizers = sorted({anonymizer for _, anonymizer in chosen}, key=anonymizer_order)
+    return datasets, anonymizers, chosen
+
+
+def decimals(cells: Iterable[Cell]) -> int:
+    """Two decimals for percent-scale numbers, three for small ones; one choice per table."""
+    return 2 if max(abs(cell.mean) for cell in cells) >= 10 else 3
+
+
+def cell_text(cell: Cell | None, places: int, full_n: int, latex: bool = False) -> str:
+    if cell is None:
+        return "–" if not latex else "--"
+    plus_minus = r" \pm " if latex else " ± "
+    text = f"{cell.mean:.{places}f}"
+    if cell.n > 1:
+        text += f"{plus_minus}{cell.std:.{places}f}"
+    if latex:
+        text = f"${text}$"
+    if cell.n == 1 or cell.n != full_n:
+        text += f" (n={cell.n})"
+    return text
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def latex_escape(text: str) -> str:
+    return text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+
+
+def metric_tables(cells: list[Cell], metric: str, sigma: float) -> tuple[str, str, str]:
+    """One metric at one sigma in the paper's layout: (Markdown, CSV, LaTeX)."""
+    datasets, anonymizers, chosen = grid(cells, metric, sigma)
+    places = decimals(chosen.values())
+    full_n = max(cell.n for cell in chosen.values())
+    rows = [[dataset] + [cell_text(chosen.get((dataset, a)), places, full_n) for a in anonymizers]
+            for dataset in datasets]
+    markdown = markdown_table(["dataset"] + anonymizers, rows)
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["dataset"] + [f"{a}_{field}" for a in anonymizers for field in ("mean", "std", "n")])
+    for dataset in datasets:
+        row = [dataset]
+        for anonymizer in anonymizers:
+            cell = chosen.get((dataset, anonymizer))
+            row += ["", "", 0] if cell is None else [repr(cell.mean), "" if cell.n == 1 else repr(cell.std), cell.n]
+        writer.writerow(row)
+
+    latex_rows = [" & ".join([latex_escape(dataset)] + [cell_text(chosen.get((dataset, a)), places, full_n, latex=True)
+                                                         for a in anonymizers]) + r" \\" for dataset in datasets]
+    latex = "\n".join([
+        f"% {metric}, test noise sigma = {sigma:g}; {STD_NOTE}",
+        r"\begin{tabular}{l" + "c" * len(anonymizers) + "}",
+        r"\toprule",
+        " & ".join(["Dataset"] + [latex_escape(a) for a in anonymizers]) + r" \\",
+        r"\midrule",
+        *latex_rows,
+        r"\bottomrule",
+        r"\end{tabular}",
+    ]) + "\n"
+    return markdown, buffer.getvalue(), latex
+
+
+def report(cells: list[Cell]) -> str:
+    """What the sweep prints: the no-noise tables, and AUC against test noise per dataset.
+
+    One dataset: a single table with anonymizers as rows and metrics as columns.
+    Several: one paper-layout table per metric (datasets as rows).
+    """
+    base_sigma = min(cell.sigma for cell in cells)
+    datasets = list(dict.fromkeys(cell.dataset for cell in cells))
+    metrics = [m for m in TABLE_METRICS if any(c.metric == m and c.sigma == base_sigma for c in cells)]
+    parts = [f"Results: {STD_NOTE}.\n"]
+    if len(datasets) == 1:
+        lookup = {(c.anonymizer, c.metric): c for c in cells if c.sigma == base_sigma}
+        anonymizers = sorted({a for a, _ in lookup}, key=anonymizer_order)
+        places = {m: decimals([c for (_, cm), c in lookup.items() if cm == m]) for m in metrics}
+        full_n = max(c.n for c in lookup.values())
+        rows = [[a] + [cell_text(lookup.get((a, m)), places[m], full_n) for m in metrics] for a in anonymizers]
+        parts.append(f"### {datasets[0]}, sigma = {base_sigma:g}\n\n" + markdown_table(["anonymizer"] + metrics, rows))
+    else:
+        for metric in metrics:
+            parts.append(f"### {metric}, sigma = {base_sigma:g}\n\n" + metric_tables(cells, metric, base_sigma)[0])
+    for dataset in datasets:
+        auc = {(c.anonymizer, c.sigma): c for c in cells if c.dataset == dataset and c.metric == "auc"}
+        sigmas = sorted({sigma for _, sigma in auc})
+        if len(sigmas) > 1:
+            anonymizers = sorted({a for a, _ in auc}, key=anonymizer_order)
+            places, full_n = decimals(auc.values()), max(c.n for c in auc.values())
+            rows = [[a] + [cell_text(auc.get((a, s)), places, full_n) for s in sigmas] for a in anonymizers]
+            parts.append(f"### {dataset}: auc against test noise\n\n"
+                         + markdown_table(["anonymizer"] + [f"sigma={s:g}" for s in sigmas], rows))
+    return "\n".join(parts)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def summary_csv(cells: list[Cell]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["dataset", "anonymizer", "sigma", "metric", "mean", "std", "n"])
+    for cell in cells:
+        writer.writerow([cell.dataset, cell.anonymizer, f"{cell.sigma:g}", cell.metric, repr(cell.mean),
+                         "" if cell.n == 1 else repr(cell.std), cell.n])
+    return buffer.getvalue()
+
+
+def plot_figures(cells: list[Cell], out_dir: Path) -> list[Path]:
+    """AUC against sigma per dataset, and privacy against AUC (no noise); skipped without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("notice: matplotlib is not installed; skipping figures (pip install matplotlib)")
+        return []
+    written = []
+    datasets = list(dict.fromkeys(cell.dataset for cell in cells))
+    for dataset in datasets:
+        auc = [c for c in cells if c.dataset == dataset and c.metric == "auc"]
+        if len({c.sigma for c in auc}) < 2:
+            continue
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        for anonymizer in sorted({c.anonymizer for c in auc}, key=anonymizer_order):
+            line = sorted((c for c in auc if c.anonymizer == anonymizer), key=lambda c: c.sigma)
+            axis.errorbar([c.sigma for c in line], [c.mean for c in line],
+                          yerr=[0.0 if c.n == 1 else c.std for c in line], marker="o", capsize=3, label=anonymizer)
+        axis.set(xlabel="test noise sigma", ylabel="AUC (%)", title=dataset)
+        axis.legend(fontsize="small")
+        written.append(save_figure(figure, out_dir / f"auc_vs_sigma_{dataset}.png"))
+        plt.close(figure)
+
+    base_sigma = min(cell.sigma for cell in cells)
+    at_base = {(c.dataset, c.anonymizer, c.metric): c for c in cells if c.sigma == base_sigma}
+    axes_metrics = [m for m in PRIVACY_AXES if any(metric == m for _, _, metric in at_base)]
+    if axes_metrics:
+        figure, axes = plt.subplots(1, len(axes_metrics), figsize=(5 * len(axes_metrics), 4), squeeze=False)
+        anonymizers = sorted({a for _, a, _ in at_base}, key=anonymizer_order)
+        colours = {a: f"C{i}" for i, a in enumerate(anonymizers)}
+        markers = {d: "osD^v<>ph*"[i % 10] for i, d in enumerate(datasets)}
+        for axis, metric in zip(axes[0], axes_metrics):
+            for (dataset, anonymizer, name), cell in at_base.items():
+                utility = at_base.get((dataset, anonymizer, "auc"))
+                if name == metric and utility is not None:
+                    axis.scatter(utility.mean, cell.mean, color=colours[anonymizer], marker=markers[dataset])
+            axis.set(xlabel="AUC (%)", ylabel=metric)
+        handles = [plt.Line2D([], [], color=colours[a], marker="o", linestyle="", label=a) for a in anonymizers]
+        if len(datasets) > 1:
+            handles += [plt.Line2D([], [], color="grey", marker=markers[d], linestyle="", label=d) for d in datasets]
+        axes[0][-1].legend(handles=handles, fontsize="small", loc="best")
+        written.append(save_figure(figure, out_dir / "privacy_utility.png"))
+        plt.close(figure)
+    return written
+
+
+def save_figure(figure, path: Path) -> Path:
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    return path
+
+
+def aggregate(paths: Iterable[Path], out_dir: Path) -> str:
+    """Tables, summary, report and figures for the given result files; returns the report."""
+    cells = summarise(load_results(paths))
+    if not cells:
+        raise UserError("no results to aggregate; run the probes first")
+    out_dir = Path(out_dir)
+    for metric in TABLE_METRICS:
+        for sigma in sorted({c.sigma for c in cells if c.metric == metric}):
+            for text, suffix in zip(metric_tables(cells, metric, sigma), ("md", "csv", "tex")):
+                write_text(out_dir / f"{metric}_sigma-{sigma:g}.{suffix}", text)
+    write_text(out_dir / "summary.csv", summary_csv(cells))
+    text = report(cells)
+    write_text(out_dir / "report.md", text)
+    plot_figures(cells, out_dir)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results_dir", type=Path, help="folder the probe scripts wrote their JSON files to")
+    parser.add_argument("--out", type=Path, default=None, help="where tables and figures go (default RESULTS_DIR/tables)")
+    args = parser.parse_args()
+    out_dir = args.out if args.out is not None else args.results_dir / "tables"
+    print(aggregate(find_results(args.results_dir), out_dir))
+    print(f"tables and figures in {out_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,123 @@
+"""The aggregator: seed means and sample stds against hand computations, layout, bad input."""
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from src.aggregate import aggregate, find_results, load_results, main, summarise
+from src.io import UserError, run_cli
+
+
+def write_result(folder: Path, name: str, auc: float, **metrics: float) -> Path:
+    """A result file as the probe scripts write it: metrics at top level plus settings and inputs."""
+    path = folder / name.split("_")[0] / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"auc": auc, **metrics, "settings": {"seed": 0}, "inputs": {}}))
+    return path
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    folder = tmp_path / "results"
+    for seed, auc, distance in [(0, 90.0, 1.0), (1, 92.0, 2.0), (2, 97.0, 6.0)]:
+        write_result(folder, f"digits_identity-s{seed}", auc, average_mindistance=distance, mia_auc=0.5)
+        write_result(folder, f"digits_ksame-5-s{seed}", auc - 10, average_mindistance=distance + 1)
+        write_result(folder, f"digits_identity-s{seed}_sigma-2", auc - 20)
+    write_result(folder, "breastmnist_cvae-s42", 70.0, average_mindistance=3.5)
+    write_result(folder, "breastmnist_cvae-online-v1-s42_sigma-0", 71.0)
+    write_result(folder, "breastmnist_cvae-online-v0.5-s42_sigma-0", 72.0)
+    return folder
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_means_and_sample_stds_match_hand_computation(results: Path, tmp_path: Path):
+    out = tmp_path / "tables"
+    aggregate(find_results(results), out)
+    # identity AUC 90, 92, 97: mean 93, deviations -3, -1, 4, sample variance (9 + 1 + 16) / 2 = 13
+    summary = {(r["dataset"], r["anonymizer"], r["sigma"], r["metric"]): r for r in read_csv(out / "summary.csv")}
+    row = summary[("digits", "identity", "0", "auc")]
+    assert float(row["mean"]) == pytest.approx(93.0) and float(row["std"]) == pytest.approx(math.sqrt(13))
+    assert row["n"] == "3"
+    # distances 1, 2, 6: mean 3, sample variance (4 + 1 + 9) / 2 = 7
+    row = summary[("digits", "identity", "0", "average_mindistance")]
+    assert float(row["mean"]) == pytest.approx(3.0) and float(row["std"]) == pytest.approx(math.sqrt(7))
+    assert float(summary[("digits", "ksame-5", "0", "auc")]["mean"]) == pytest.approx(83.0)
+    assert float(summary[("digits", "identity", "2", "auc")]["mean"]) == pytest.approx(73.0)
+    single = summary[("breastmnist", "cvae", "0", "auc")]
+    assert (single["mean"], single["std"], single["n"]) == ("70.0", "", "1")
+
+    markdown = (out / "auc_sigma-0.md").read_text().splitlines()
+    assert markdown[0] == "| dataset | identity | ksame-5 | cvae | cvae-online-v0.5 | cvae-online |"
+    # rows in order of the (sorted) result paths
+    assert markdown[2] == "| breastmnist | – | – | 70.00 (n=1) | 72.00 (n=1) | 71.00 (n=1) |"
+    assert markdown[3] == "| digits | 93.00 ± 3.61 | 83.00 ± 3.61 | – | – | – |"
+    wide = read_csv(out / "auc_sigma-0.csv")
+    assert wide[1]["dataset"] == "digits" and float(wide[1]["identity_std"]) == pytest.approx(math.sqrt(13))
+    assert wide[0]["cvae_n"] == "1" and wide[0]["identity_n"] == "0"
+    latex = (out / "auc_sigma-0.tex").read_text()
+    assert r"digits & $93.00 \pm 3.61$ & $83.00 \pm 3.61$ & -- & -- & -- \\" in latex
+    assert (out / "average_mindistance_sigma-0.md").read_text().splitlines()[3].startswith("| digits | 3.000 ± 2.646 |")
+    assert (out / "auc_sigma-2.md").is_file() and not (out / "mia_auc_sigma-2.md").exists()
+
+
+def test_one_dataset_prints_anonymizers_as_rows(tmp_path: Path):
+    folder = tmp_path / "results"
+    for seed, auc in [(0, 80.0), (1, 84.0)]:
+        write_result(folder, f"digits_identity-s{seed}", auc, average_mindistance=0.0, mia_auc=0.6)
+        write_result(folder, f"digits_cvae-s{seed}", auc - 4, average_mindistance=2.0, mia_auc=0.5)
+    text = aggregate(find_results(folder), tmp_path / "tables")
+    assert "| anonymizer | auc | average_mindistance | mia_auc |" in text
+    # 80 and 84: mean 82, sample std sqrt(8)
+    assert f"| identity | 82.00 ± {math.sqrt(8):.2f} | 0.000 ± 0.000 | 0.600 ± 0.000 |" in text
+    assert (tmp_path / "tables" / "report.md").read_text() == text
+
+
+def test_plain_probe_wins_over_sigma_zero_and_true_duplicates_are_refused(tmp_path: Path):
+    plain = write_result(tmp_path / "a", "digits_identity-s0", 90.0)
+    noisy = write_result(tmp_path / "a", "digits_identity-s0_sigma-0", 80.0)
+    chosen = load_results([noisy, plain])
+    assert [result.path for result in chosen] == [plain]
+    assert summarise(chosen)[0].mean == 90.0
+    copy = write_result(tmp_path / "b", "digits_identity-s0", 91.0)
+    with pytest.raises(UserError, match="two results for the same run"):
+        load_results([plain, copy])
+
+
+def test_figures_are_png_files(results: Path, tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    aggregate(find_results(results), tmp_path / "tables")
+    for name in ("auc_vs_sigma_digits.png", "privacy_utility.png"):
+        assert (tmp_path / "tables" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "tables" / "auc_vs_sigma_breastmnist.png").exists()  # one sigma: no curve
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no result files"),
+    ("{not json", "cannot read result"),
+    ('{"accuracy": 0.5}', "no numeric 'auc'"),
+])
+def test_bad_results_exit_2_with_one_line(tmp_path: Path, monkeypatch, capsys, content, message):
+    if content is not None:
+        (tmp_path / "digits").mkdir()
+        (tmp_path / "digits" / "digits_identity-s0.json").write_text(content)
+    monkeypatch.setattr(sys, "argv", ["aggregate", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_unwritable_output_folder_exits_2(results: Path, tmp_path: Path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(sys, "argv", ["aggregate", str(results), "--out", str(blocker / "tables")])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main)
+    assert exit_info.value.code == 2 and "cannot write to" in capsys.readouterr().err
