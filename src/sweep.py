@@ -38,7 +38,7 @@ from tqdm import tqdm
 from src.aggregate import aggregate
 from src.backbones import check_backbone_name
 from src.data import SPLITS, dataset_names
-from src.io import UserError, database_dir, file_fingerprint, run_cli
+from src.io import UserError, database_dir, dataset_dirname, file_fingerprint, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("create_db", "anonymize", "probe", "noise")
@@ -224,7 +224,7 @@ def expand(config: SweepConfig, results_dir: Path) -> list[Point]:
     points = []
     for dataset in config.datasets:
         db_dir = database_dir(Path(roots["database_root"]), dataset, config.backbone)
-        safe = db_dir.parent.name  # the dataset name as folders and file names spell it
+        safe = dataset_dirname(dataset)  # the dataset name as folders and file names spell it
         base = {"dataset": dataset, "backbone": config.backbone}
         stores = ["--database_root", roots["database_root"], "--ckpt_root", roots["ckpt_root"]]
 
