@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from src.io import load_database, save_database
+from cli_checks import assert_one_line_error  # tests/cli_checks.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,14 +30,6 @@ def database(tmp_path) -> Path:
         embeddings = rng.normal(size=(count, 8)) + 3.0 * labels[:, None]
         save_database(folder / f"{split}.npz", embeddings, labels, {"split": split})
     return tmp_path
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_ksame_writes_cluster_means_with_metadata(database):

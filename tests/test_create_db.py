@@ -15,6 +15,7 @@ from src.backbones import create_backbone
 from src.data import load_split
 from src.extract import DeviceTransform, extract_embeddings
 from src.io import load_database
+from cli_checks import assert_one_line_error  # tests/cli_checks.py
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "test_vit", "--img_size", "64", "--num_workers", "0", "--device", "cpu"]
@@ -95,14 +96,6 @@ def test_weights_file_is_loaded(tmp_path, suffix):
     for key, tensor in backbone.model.state_dict().items():
         torch.testing.assert_close(tensor, state[key])
     assert backbone.weights["kind"] == "file" and len(backbone.weights["sha256"]) == 16
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from src.evaluation import load_probe_data, noisy_test_metrics
 from src.io import UserError, save_database
 from src.metrics import auroc
 from src.probe import ProbeConfig, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
+from cli_checks import assert_one_line_error  # tests/cli_checks.py
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -142,10 +143,7 @@ def common_args(tmp_path: Path) -> list[str]:
 
 
 def assert_user_error(result: subprocess.CompletedProcess, tmp_path: Path, *fragments: str) -> None:
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1
-    for fragment in fragments:
-        assert fragment in result.stderr
+    assert_one_line_error(result, *fragments)
     assert not (tmp_path / "logs").exists() and not (tmp_path / "ckpts").exists()
 
 
