@@ -197,3 +197,22 @@ def test_cli_rejects_negative_sigma_mismatched_dims_and_unseen_labels(tmp_path):
     write_databases(tmp_path / "db", test_labels_offset=2)
     assert_user_error(run_script("probing_noise.py", *common_args(tmp_path), "--sigma", "1"), tmp_path,
                       "test.npz has labels [3, 4]")
+
+
+@pytest.mark.slow
+def test_online_cvae_cli_trains_on_fresh_samples_and_measures_them(tmp_path):
+    write_databases(tmp_path / "db")
+    args = [*common_args(tmp_path), "--variance", "1.0", "--sigma", "0", "20", "--cvae_max_epochs", "40",
+            "--online_factor", "2", "--seed", "5"]
+    result = run_script("probing_noise_cvae.py", *args)
+    assert result.returncode == 0, result.stderr
+    records = {sigma: json.loads((tmp_path / "logs" / "toy" / f"toy_cvae-online-v1-s5_sigma-{sigma}.json").read_text())
+               for sigma in ("0", "20")}
+    clean = records["0"]
+    assert clean["auc"] > 70 and clean["auc"] > records["20"]["auc"]
+    assert clean["n_released"] == 2 * 90  # one epoch of online_factor x N samples stands for the release
+    assert clean["average_mindistance"] > 0  # generated, not the real set measured against itself
+    assert clean["settings"]["online_factor"] == 2 and clean["settings"]["variance"] == 1.0
+    assert len(list((tmp_path / "ckpts").glob("**/cvae-*.pt"))) == 1
+    assert_one_line_error(run_script("probing_noise_cvae.py", *common_args(tmp_path), "--variance", "0",
+                                     "--sigma", "1"), "--variance")
