@@ -7,12 +7,14 @@
 (b) One online epoch of 10 x N vectors: `OnlineSampler` (a few batched decoder calls)
     against the reference's one decoder call per vector.
 
-    python -m benchmarks.bench_cvae --sizes 546 5000 --epochs 20 --device auto
+    python benchmarks/bench_cvae.py --sizes 546 5000 --epochs 20 --device auto
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -20,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from src.cvae import CVAE, CVAEBundle, CVAEConfig, MinMaxScaler, OnlineSampler, batch_loss, train_cvae
-from src.runtime import resolve_device, seed_everything
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from src.cvae import CVAE, CVAEBundle, CVAEConfig, MinMaxScaler, OnlineSampler, batch_loss, train_cvae  # noqa: E402
+from src.runtime import resolve_device, seed_everything  # noqa: E402
 
 NUM_CLASSES = 10
 DIM = 768

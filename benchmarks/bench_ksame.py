@@ -11,9 +11,9 @@ and its peak resident memory (ru_maxrss of that process, imports and data includ
 the resident size just before the run is shown beside it), and whether the clusters
 are identical.
 
-    python -m benchmarks.bench_ksame                      # N = 546, 5000, 20000; k = 5
-    python -m benchmarks.bench_ksame --sizes 546 5000 --k 10
-    python -m benchmarks.bench_ksame --large              # adds N = 60000, k = 2, ours only
+    python benchmarks/bench_ksame.py                   # N = 546, 5000, 20000; k = 5
+    python benchmarks/bench_ksame.py --sizes 546 5000 --k 10
+    python benchmarks/bench_ksame.py --large         # adds N = 60000, k = 2, ours only
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DIM = 768
 NUM_CLASSES = 5
@@ -104,7 +106,7 @@ def run_worker(method: str, num_samples: int, k: int, threads: int, out: Path) -
     """One method in a fresh process, so that its peak memory is its own; BLAS threads capped."""
     env = {**os.environ, **{name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                                            "OPENBLAS_NUM_THREADS")}}
-    subprocess.run([sys.executable, "-m", "benchmarks.bench_ksame", "--worker", method, "--sizes",
+    subprocess.run([sys.executable, __file__, "--worker", method, "--sizes",
                     str(num_samples), "--k", str(k), "--out", str(out)], check=True, env=env)
     return json.loads((out / f"{method}.json").read_text())
 
