@@ -364,16 +364,16 @@ def stale_reason(point: Point, fingerprints: Fingerprints) -> str | None:
 
 # ---------------------------------------------------------------- running
 
-def execute(point: Point, log_path: Path, jobs: int) -> int:
+def execute(point: Point, log_path: Path, threads: int | None) -> int:
     """Run one point's script from the repo root, its output going to the point's log.
 
-    With several jobs each script gets its share of the CPU cores (unless OMP_NUM_THREADS
-    is set): oversubscribed torch threads spin and slow every job down.
+    `threads` caps the script's torch threads (unless OMP_NUM_THREADS is set): with
+    several scripts at once, oversubscribed threads spin and slow every one down.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    if jobs > 1:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    if threads is not None:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
     started = time.monotonic()
     with open(log_path, "w") as log:
         log.write(f"$ {shlex.join([sys.executable, *point.command])}\n")
@@ -405,6 +405,7 @@ def run_points(points: list[Point], jobs: int, log_dir: Path) -> tuple[dict[str,
     with ThreadPoolExecutor(max_workers=jobs) as pool, \
             tqdm(total=len(points), desc="sweep", unit="point", disable=None) as bar:
         while pending or running:
+            runnable = []
             for point in list(pending):
                 deps = [state.get(dep) for dep in point.deps]
                 if None in deps:
@@ -414,16 +415,19 @@ def run_points(points: list[Point], jobs: int, log_dir: Path) -> tuple[dict[str,
                 else:
                     if point.name not in reasons:  # known once the dependencies are settled
                         reasons[point.name] = stale_reason(point, fingerprints)
-                    if reasons[point.name] is None:
-                        state[point.name] = "current"
-                    elif len(running) < jobs:
-                        running[pool.submit(execute, point, log_dir / f"{point.name}.log", jobs)] = point
-                        pending.remove(point)
+                    if reasons[point.name] is not None:
+                        runnable.append(point)
                         continue
-                    else:
-                        continue
+                    state[point.name] = "current"
                 pending.remove(point)
                 bar.update()
+            # the cores are shared among the scripts that will run side by side: a lone
+            # create_db gets them all, a stage of many small points one thread each
+            side_by_side = min(jobs, len(running) + len(runnable))
+            threads = None if jobs == 1 else max(1, (os.cpu_count() or 1) // max(1, side_by_side))
+            for point in runnable[:jobs - len(running)]:
+                running[pool.submit(execute, point, log_dir / f"{point.name}.log", threads)] = point
+                pending.remove(point)
             if not running:
                 if pending:
                     raise RuntimeError(f"points wait on unknown points: {[p.name for p in pending]}")
