@@ -49,6 +49,8 @@ def main() -> None:
     train_path = folder / "train.npz"
     inputs = {str(train_path): file_fingerprint(train_path)} if train_path.is_file() else {}
     train_x, train_y, _ = load_database(train_path, make_db)
+    if len(np.unique(train_y)) < 2:
+        raise UserError(f"{train_path} holds one class only; there is nothing for a class-conditional release to keep")
     settings = {"dataset": args.dataset, "backbone": args.backbone, "anonymizer": args.anonymizer}
     start = time.perf_counter()
 

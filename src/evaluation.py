@@ -141,6 +141,9 @@ def load_probe_data(database_root: Path, dataset: str, backbone: str,
     if min(int(y.min()) for y in labels) < 0:
         raise UserError(f"negative class labels in {folder}; labels must be 0..C-1, recreate the databases")
     known = set(np.unique(released_y).tolist())
+    for path, y in ((released_path, released_y), (paths["test"], splits["test"][1])):
+        if len(np.unique(y)) < 2:
+            raise UserError(f"{path} holds one class only ({int(y[0])}); a probe and its AUC need at least two")
     for split in ("val", "test"):
         unseen = sorted(set(np.unique(splits[split][1]).tolist()) - known)
         if unseen:

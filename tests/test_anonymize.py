@@ -76,6 +76,8 @@ def corrupt(folder: Path, case: str) -> None:
             embeddings[0, 0] = np.inf
         elif case == "count_mismatch":
             labels = labels[:-1]
+        elif case == "one_class":
+            labels = np.zeros_like(labels)
         np.savez(train, embeddings=embeddings, labels=labels)
 
 
@@ -88,6 +90,7 @@ def corrupt(folder: Path, case: str) -> None:
     (["--anonymizer", "ksame", "--k", "5"], "infinite", ["train.npz", "infinite"]),
     (["--anonymizer", "ksame", "--k", "5"], "count_mismatch", ["train.npz", "labels"]),
     (["--anonymizer", "cvae"], "val_dimension", ["val.npz", "dimension"]),
+    (["--anonymizer", "cvae"], "one_class", ["train.npz", "one class"]),
 ])
 def test_bad_input_exits_2_and_writes_nothing(database, args, case, fragments):
     folder = database / "toy" / "tiny"

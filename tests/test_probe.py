@@ -122,12 +122,21 @@ def test_load_probe_data_rejects_test_label_unseen_in_training(tmp_path):
         load_probe_data(tmp_path, "toy", "bb")
 
 
+def test_load_probe_data_rejects_a_single_class(tmp_path):
+    folder = write_databases(tmp_path)
+    x, y = gaussian_classes(45, dim=8, seed=3)
+    save_database(folder / "test.npz", x, np.zeros_like(y), {})
+    with pytest.raises(UserError, match=r"test\.npz holds one class only"):
+        load_probe_data(tmp_path, "toy", "bb")
+
+
 def test_classes_count_from_real_splits_not_released_labels(tmp_path):
     folder = write_databases(tmp_path)
     x, y = gaussian_classes(40, dim=8, seed=4)
     save_database(folder / "train_ksame-2.npz", x, np.where(y == 1, 0, y), {})  # class 1 absent, as in the defect
     save_database(folder / "val.npz", *gaussian_classes(30, dim=8, classes=1, seed=5), {})  # only class 0 in val
-    save_database(folder / "test.npz", *gaussian_classes(30, dim=8, classes=1, seed=6), {})
+    x, y = gaussian_classes(30, dim=8, classes=2, seed=6)
+    save_database(folder / "test.npz", x, np.where(y == 1, 2, y), {})  # classes 0 and 2
     data = load_probe_data(tmp_path, "toy", "bb", folder / "train_ksame-2.npz")
     assert data.num_classes == 3
     assert len(data.inputs) == 4
