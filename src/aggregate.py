@@ -24,9 +24,10 @@ import numpy as np
 
 from src.io import UserError, atomic_path, run_cli
 
+NUMBER = r"\d+(?:\.\d*)?(?:e[+-]?\d+)?"  # a non-negative float as the scripts' f"{value:g}" writes it
 RESULT_NAME = re.compile(
-    r"^(?P<dataset>.+)_(?P<flag>identity|ksame-(?P<k>\d+)|cvae-online-v(?P<variance>.+?)|cvae)"
-    r"-s(?P<seed>-?\d+)(?:_sigma-(?P<sigma>[^_]+))?\.json$")
+    rf"^(?P<dataset>.+)_(?P<flag>identity|ksame-(?P<k>\d+)|cvae-online-v(?P<variance>{NUMBER})|cvae)"
+    rf"-s(?P<seed>-?\d+)(?:_sigma-(?P<sigma>{NUMBER}))?\.json$")
 METRICS = ("auc", "accuracy", "balanced_accuracy", "average_mindistance", "dcr_p5", "dcr_p50", "mia_auc")
 TABLE_METRICS = ("auc", "average_mindistance", "dcr_p5", "dcr_p50", "mia_auc")  # utility + privacy
 PRIVACY_AXES = ("average_mindistance", "mia_auc")  # y axes of the privacy-utility plot
@@ -97,13 +98,13 @@ def load_results(paths: Iterable[Path]) -> list[Result]:
             raise UserError(f"{path}: not a result file name (<dataset>_<flag>-s<seed>[_sigma-<s>].json)")
         try:
             payload = json.loads(path.read_text())
-            sigma = float(match["sigma"]) if match["sigma"] is not None else 0.0
         except (OSError, ValueError) as err:
             raise UserError(f"cannot read result {path} ({err}); rerun the probe that writes it") from err
         if not isinstance(payload, dict) or not isinstance(payload.get("auc"), (int, float)):
             raise UserError(f"{path}: no numeric 'auc'; rerun the probe that writes it")
         metrics = {name: float(payload[name]) for name in METRICS
                    if isinstance(payload.get(name), (int, float)) and not isinstance(payload[name], bool)}
+        sigma = float(match["sigma"]) if match["sigma"] is not None else 0.0
         result = Result(path, match["dataset"], anonymizer_label(match), sigma, int(match["seed"]),
                         metrics, plain=match["sigma"] is None)
         key = (result.dataset, result.anonymizer, result.sigma, result.seed)

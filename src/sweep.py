@@ -10,9 +10,9 @@ stage-script run each, in four stages that form a DAG:
      probe so that the two never run at once).
 A point is current, and is skipped without starting a process, when its outputs
 exist, every input they record still has the recorded fingerprint, and the settings
-the config sets match the settings they record; otherwise it runs. A failed point's
-dependants are skipped, the rest carry on, and the failures are listed at the end
-(exit status 1). Everything for one config lives in <output_root>/sweeps/<name>/:
+the config sets, or defaults, match the settings they record; otherwise it runs. A
+failed point's dependants are skipped, the rest carry on, and the failures are listed
+at the end (exit status 1). Everything for one config lives in <output_root>/sweeps/<name>/:
 results/ (the probes' JSON files), logs/<point>.log, tables/ (src.aggregate).
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,10 @@ TOP_KEYS = {"name", "datasets", "backbone", "weights", "img_size", "seeds", "sig
             "create_db", "device", "download", "paths", "slurm"}
 ANONYMIZER_KEYS = {"identity": set(), "ksame": {"k"}, "cvae": {"variance"}, "cvae-online": {"variance", "online_factor"}}
 PROBE_FLAGS = {"lr": "-l", "epochs": "-e", "batch_size": "-b"}  # config key (= recorded setting) -> probe flag
+# What an omitted key means (the reference's values). Always passed and checked, so that
+# removing a key from the config makes outputs made with another value stale.
+PROBE_DEFAULTS = {"lr": 1e-3, "epochs": 100, "batch_size": 128}
+CVAE_VARIANCE, ONLINE_FACTOR = 1.0, 10
 PATH_DEFAULTS = {"dataset_root": "assets/data", "database_root": "assets/database", "ckpt_root": "assets/ckpts",
                  "output_root": "assets/logs"}
 SLURM_KEYS = {"partition", "account", "time", "gres", "cpus_per_task", "mem"}
@@ -63,9 +68,9 @@ class SweepConfig:
     identity: bool
     ksame_k: list[int]
     cvae: bool
-    cvae_variance: float | None
+    cvae_variance: float
     online_variances: list[float]
-    online_factor: int | None
+    online_factor: int
     probe: dict[str, float]
     create_db: dict[str, int]
     device: str
@@ -160,7 +165,7 @@ def load_config(path: Path) -> SweepConfig:
         raise fail(f"weights file {weights} does not exist (relative to {REPO_ROOT}); create it or remove the key")
     img_size = int(number(raw["img_size"], "img_size", integer=True, minimum=1)) if "img_size" in raw else None
 
-    seeds = [int(seed) for seed in number_list(raw["seeds"], "seeds", integer=True)]
+    seeds = [int(seed) for seed in number_list(raw["seeds"], "seeds", integer=True, minimum=0)]  # numpy refuses < 0
     sigmas = sorted({0.0, *map(float, number_list(raw.get("sigmas", [0]), "sigmas", minimum=0))})
 
     anonymizers = check_keys(raw["anonymizers"], set(ANONYMIZER_KEYS), "anonymizers")
@@ -173,18 +178,17 @@ def load_config(path: Path) -> SweepConfig:
         if "k" not in options["ksame"]:
             raise fail("anonymizers.ksame needs k, e.g. {k: [2, 5, 10]}")
         ksame_k = [int(k) for k in number_list(options["ksame"]["k"], "anonymizers.ksame.k", integer=True, minimum=2)]
-    cvae_variance = options.get("cvae", {}).get("variance")
-    if cvae_variance is not None:
-        cvae_variance = float(number(cvae_variance, "anonymizers.cvae.variance", positive=True))
+    cvae_variance = float(number(options.get("cvae", {}).get("variance", CVAE_VARIANCE), "anonymizers.cvae.variance",
+                                 positive=True))
     online = options.get("cvae-online", {})
-    online_variances = ([float(v) for v in number_list(online.get("variance", [1.0]), "anonymizers.cvae-online.variance",
-                                                       positive=True)] if "cvae-online" in options else [])
-    online_factor = online.get("online_factor")
-    if online_factor is not None:
-        online_factor = int(number(online_factor, "anonymizers.cvae-online.online_factor", integer=True, minimum=1))
+    online_variances = ([float(v) for v in number_list(online.get("variance", [CVAE_VARIANCE]),
+                                                       "anonymizers.cvae-online.variance", positive=True)]
+                        if "cvae-online" in options else [])
+    online_factor = int(number(online.get("online_factor", ONLINE_FACTOR), "anonymizers.cvae-online.online_factor",
+                               integer=True, minimum=1))
 
-    probe = {key: number(value, f"probe.{key}", integer=key != "lr", positive=True)
-             for key, value in check_keys(raw.get("probe"), set(PROBE_FLAGS), "probe").items()}
+    probe = {**PROBE_DEFAULTS, **{key: number(value, f"probe.{key}", integer=key != "lr", positive=True)
+                                  for key, value in check_keys(raw.get("probe"), set(PROBE_FLAGS), "probe").items()}}
     create_db = {key: int(number(value, f"create_db.{key}", integer=True, minimum=0 if key == "num_workers" else 1))
                  for key, value in check_keys(raw.get("create_db"), {"batch_size", "num_workers"}, "create_db").items()}
     device = raw.get("device", "auto")
@@ -254,15 +258,14 @@ def expand(config: SweepConfig, results_dir: Path) -> list[Point]:
                                     anonymize.name)
         cvae_made: dict[int, str] = {}
         if config.cvae or config.online_variances:  # the online probes use the CVAE trained here
-            variance = [] if config.cvae_variance is None else ["--variance", argument(config.cvae_variance)]
             for seed in config.seeds:
-                settings = {**base, "anonymizer": "cvae", "seed": seed}
-                if config.cvae_variance is not None:
-                    settings["variance"] = config.cvae_variance
                 anonymize = Point(f"anonymize-{safe}-cvae-s{seed}", "anonymize",
                                   ["anonymize.py", "--dataset", dataset, "--backbone", config.backbone,
-                                   "--anonymizer", "cvae", "--seed", str(seed), *variance, *device, *stores],
-                                  [db_dir / f"train_cvae-s{seed}.npz"], settings, [create.name])
+                                   "--anonymizer", "cvae", "--seed", str(seed),
+                                   "--variance", argument(config.cvae_variance), *device, *stores],
+                                  [db_dir / f"train_cvae-s{seed}.npz"],
+                                  {**base, "anonymizer": "cvae", "seed": seed, "variance": config.cvae_variance},
+                                  [create.name])
                 points.append(anonymize)
                 cvae_made[seed] = anonymize.name
 
@@ -284,17 +287,16 @@ def expand(config: SweepConfig, results_dir: Path) -> list[Point]:
                                         [results / f"{safe}_{flag}-s{seed}_sigma-{s:g}.json" for s in noisy],
                                         expected, [probe.name]))
             for variance in config.online_variances:
-                expected = {**base, "variance": variance, "seed": seed, **config.probe}
-                factor = [] if config.online_factor is None else ["--online_factor", str(config.online_factor)]
-                if config.online_factor is not None:
-                    expected["online_factor"] = config.online_factor
                 points.append(Point(
                     f"online-{safe}-v{variance:g}-s{seed}", "probe",
                     ["probing_noise_cvae.py", "--dataset", dataset, "--backbone", config.backbone,
-                     "--variance", argument(variance), "--sigma", *map(argument, config.sigmas), *factor,
+                     "--variance", argument(variance), "--sigma", *map(argument, config.sigmas),
+                     "--online_factor", str(config.online_factor),
                      "--seed", str(seed), "--output_root", str(results_dir), *probe_args, *device, *stores],
                     [results / f"{safe}_cvae-online-v{variance:g}-s{seed}_sigma-{s:g}.json" for s in config.sigmas],
-                    expected, [cvae_made[seed]]))
+                    {**base, "variance": variance, "online_factor": config.online_factor, "seed": seed,
+                     **config.probe},
+                    [cvae_made[seed]]))
     return sorted(points, key=lambda point: STAGES.index(point.stage))  # stable: config order within a stage
 
 
@@ -446,8 +448,7 @@ def run_points(points: list[Point], jobs: int, log_dir: Path) -> tuple[dict[str,
                 else:
                     state[point.name] = "ran"
                 bar.update()
-            bar.set_postfix({name: sum(1 for s in state.values() if s == name)
-                             for name in ("ran", "current", "failed", "blocked")})
+            bar.set_postfix(Counter(state.values()))
     return state, failures
 
 
@@ -561,7 +562,7 @@ def main() -> None:
 
     started = time.monotonic()
     state, failures = run_points(points, args.jobs, log_dir)
-    counts = {name: sum(1 for s in state.values() if s == name) for name in ("ran", "current", "failed", "blocked")}
+    counts = Counter(state.values())
     print(f"{len(points)} points in {time.monotonic() - started:.0f} s: {counts['ran']} ran, "
           f"{counts['current']} current, {counts['failed']} failed, {counts['blocked']} skipped after a failure")
     results = [out for point in points if point.stage in ("probe", "noise") and state[point.name] in ("ran", "current")

@@ -90,6 +90,15 @@ def test_plain_probe_wins_over_sigma_zero_and_true_duplicates_are_refused(tmp_pa
         load_results([plain, copy])
 
 
+def test_names_with_unreadable_numbers_are_not_results(tmp_path: Path):
+    kept = write_result(tmp_path, "digits_cvae-online-v0.5-s0_sigma-1e-05", 90.0)
+    write_result(tmp_path, "digits_cvae-online-vx-s0", 90.0)
+    write_result(tmp_path, "digits_identity-s0_sigma-abc", 90.0)
+    assert find_results(tmp_path) == [kept]
+    (result,) = load_results([kept])
+    assert (result.anonymizer, result.sigma) == ("cvae-online-v0.5", 1e-05)
+
+
 def test_figures_are_png_files(results: Path, tmp_path: Path):
     pytest.importorskip("matplotlib")
     aggregate(find_results(results), tmp_path / "tables")

@@ -104,6 +104,7 @@ def test_shipped_configs_expand_to_their_grids():
     ({"anonymizers": {"blur": {}}}, "unknown key 'blur' in anonymizers"),
     ({"anonymizers": {}}, "anonymizers is empty"),
     ({"seeds": []}, "seeds is empty"),
+    ({"seeds": [-1]}, "seeds must be finite and >= 0"),
     ({"datasets": []}, "datasets is empty"),
     ({"datasets": ["mnist-typo"]}, "unknown dataset 'mnist-typo'"),
     ({"backbone": "not_a_model"}, "unknown --backbone 'not_a_model'"),
@@ -157,6 +158,10 @@ def test_current_points_are_skipped_and_changes_make_them_stale(tmp_path, monkey
     result.write_text(json.dumps(record))
     assert "seed=7" in stale_reason(points["probe-digits-identity-s1"], Fingerprints())
     assert stale_reason(points["probe-digits-identity-s0"], Fingerprints()) is None
+    # so is one made with another probe setting than the default of a key the config omits
+    record["settings"].update(seed=1, epochs=5)
+    result.write_text(json.dumps(record))
+    assert "epochs=5" in stale_reason(points["probe-digits-identity-s1"], Fingerprints())
     # changed embeddings make every probe that read them stale, but not the database itself
     test_db = database_dir(tmp_path / "database_root", "digits", BACKBONE) / "test.npz"
     embeddings, labels, meta = load_database(test_db)
