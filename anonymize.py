@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from src.cvae import CVAEConfig, checkpoint_path, generate_offline, load_or_train_cvae
+from src.cvae import CVAEConfig, generate_offline, load_or_train_cvae
 from src.io import UserError, database_dir, file_fingerprint, load_database, package_versions, run_cli, save_database
 from src.ksame import ksame
-from src.runtime import resolve_device, seed_everything
+from src.runtime import resolve_device
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,16 +47,16 @@ def main() -> None:
     folder = database_dir(args.database_root, args.dataset, args.backbone)
     make_db = f"python create_db.py --dataset {args.dataset} --backbone {args.backbone}"
     train_path = folder / "train.npz"
-    inputs = {str(train_path): file_fingerprint(train_path)} if train_path.is_file() else {}
     train_x, train_y, _ = load_database(train_path, make_db)
+    inputs = {str(train_path): file_fingerprint(train_path)}
     if len(np.unique(train_y)) < 2:
         raise UserError(f"{train_path} holds one class only; there is nothing for a class-conditional release to keep")
     settings = {"dataset": args.dataset, "backbone": args.backbone, "anonymizer": args.anonymizer}
     start = time.perf_counter()
 
     if args.anonymizer == "ksame":
-        if args.k is None or args.k < 2:
-            raise UserError("--anonymizer ksame needs --k of at least 2 (k = 1 releases the real data)")
+        if args.k is None:  # its bounds (2 <= k <= N) are checked by ksame()
+            raise UserError("--anonymizer ksame needs --k, the cluster size (at least 2)")
         settings["k"] = args.k
         out_path = folder / f"train_ksame-{args.k}.npz"
         embeddings, labels = ksame(train_x, train_y, args.k, device)
@@ -70,7 +70,6 @@ def main() -> None:
             raise UserError(f"{val_path} has dimension {val_x.shape[1]} but {train_path} has {train_x.shape[1]}; "
                             "recreate both with the same backbone")
         inputs[str(val_path)] = file_fingerprint(val_path)
-        seed_everything(args.seed)
         config = CVAEConfig(max_epochs=args.max_epochs, reference_objective=args.reference_objective)
         num_classes = int(max(train_y.max(), val_y.max())) + 1
         ckpt_dir = database_dir(args.ckpt_root, args.dataset, args.backbone)
@@ -78,9 +77,8 @@ def main() -> None:
         embeddings, labels = generate_offline(bundle, train_y, args.variance, args.seed)
         settings.update(seed=args.seed, variance=args.variance, cvae=asdict(config))
         out_path = folder / f"train_cvae-s{args.seed}.npz"
-        details = {"checkpoint": str(checkpoint_path(ckpt_dir, train_x, train_y, val_x, val_y, num_classes,
-                                                     config, args.seed)),
-                   "best_epoch": bundle.best_epoch, "epochs_run": len(bundle.history["val_loss"])}
+        details = {"checkpoint": str(bundle.checkpoint), "best_epoch": bundle.best_epoch,
+                   "epochs_run": len(bundle.history["val_loss"])}
 
     elapsed = time.perf_counter() - start
     meta = {"stage": "anonymize", "settings": settings, "inputs": inputs, **details,

@@ -14,12 +14,12 @@ import dataclasses
 import numpy as np
 import torch
 
-from src.cvae import CVAEConfig, OnlineSampler, checkpoint_path, load_or_train_cvae
+from src.cvae import CVAEConfig, OnlineSampler, load_or_train_cvae
 from src.evaluation import (add_common_arguments, add_sigma_argument, checked_sigmas, load_probe_data,
                             noisy_test_metrics, probe_config, released_privacy, result_record, write_noise_results)
 from src.io import UserError, array_fingerprint, database_dir, run_cli
 from src.probe import probe_checkpoint_path, train_probe, zscore, zscore_stats
-from src.runtime import resolve_device, seed_everything
+from src.runtime import resolve_device
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,13 +42,12 @@ def main() -> None:
     if not (np.isfinite(args.variance) and args.variance > 0) or args.online_factor < 1 or args.cvae_max_epochs < 1:
         raise UserError("--variance must be positive, --online_factor and --cvae_max_epochs at least 1")
     device = resolve_device(args.device)
-    seed_everything(args.seed)
     data = load_probe_data(args.database_root, args.dataset, args.backbone)
 
     cvae_config = CVAEConfig(max_epochs=args.cvae_max_epochs, reference_objective=args.reference_objective)
     ckpt_dir = database_dir(args.ckpt_root, args.dataset, args.backbone)
-    cvae_args = (data.train_x, data.train_y, data.val_x, data.val_y, data.num_classes, cvae_config)
-    bundle = load_or_train_cvae(ckpt_dir, *cvae_args, device, args.seed)
+    bundle = load_or_train_cvae(ckpt_dir, data.train_x, data.train_y, data.val_x, data.val_y, data.num_classes,
+                                cvae_config, device, args.seed)
     sampler = OnlineSampler(bundle, data.train_y, factor=args.online_factor, variance=args.variance,
                             seed=args.seed, device=device)
 
@@ -63,7 +62,7 @@ def main() -> None:
         return (x - mean_t) / std_t, y
 
     val_x, test_x = (torch.from_numpy(zscore(x, mean, std)).to(device) for x in (data.val_x, data.test_x))
-    key = {"cvae": checkpoint_path(ckpt_dir, *cvae_args, args.seed).stem, "variance": args.variance,
+    key = {"cvae": bundle.checkpoint.stem, "variance": args.variance,
            "online_factor": args.online_factor, "val": array_fingerprint(data.val_x, data.val_y)}
     probe_ckpt = probe_checkpoint_path(ckpt_dir / "probe", config, args.seed, data.num_classes, key)
     model, history = train_probe(zscored_samples, val_x, torch.from_numpy(data.val_y), data.num_classes,

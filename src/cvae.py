@@ -138,7 +138,11 @@ def fixed_noise(num_samples: int, latent_dim: int, seed: int, device: torch.devi
 
 @dataclass
 class CVAEBundle:
-    """A trained CVAE with what generation needs (scaler, class count) and how training went."""
+    """A trained CVAE with what generation needs (scaler, class count) and how training went.
+
+    `checkpoint` is the file it was saved to or loaded from (None when trained without one),
+    so callers can record it without hashing the data again.
+    """
 
     model: CVAE
     scaler: MinMaxScaler
@@ -146,6 +150,7 @@ class CVAEBundle:
     config: CVAEConfig
     history: dict[str, list[float]]
     best_epoch: int
+    checkpoint: Path | None = None
 
     @property
     def device(self) -> torch.device:
@@ -245,13 +250,14 @@ def load_or_train_cvae(ckpt_dir: Path, train_x: np.ndarray, train_y: np.ndarray,
             saved = torch.load(path, map_location=device, weights_only=True)
             model = CVAE(train_x.shape[1], num_classes, config.hidden_dim, config.latent_dim).to(device)
             model.load_state_dict(saved["state_dict"])
+            scaler = MinMaxScaler(minimum=saved["scaler_minimum"], span=saved["scaler_span"])
+            history, best_epoch = saved["history"], saved["best_epoch"]
         except Exception as err:  # a damaged file can fail inside the unpickler with almost any type
             raise UserError(f"cannot read CVAE checkpoint {path} ({err}); delete it to retrain") from err
-        model.eval()
-        scaler = MinMaxScaler(minimum=saved["scaler_minimum"], span=saved["scaler_span"])
-        return CVAEBundle(model, scaler, num_classes, config, saved["history"], saved["best_epoch"])
+        return CVAEBundle(model.eval(), scaler, num_classes, config, history, best_epoch, checkpoint=path)
 
     bundle = train_cvae(train_x, train_y, val_x, val_y, num_classes, config, device, seed)
+    bundle.checkpoint = path
     with atomic_path(path) as tmp:
         torch.save({
             "settings": {"config": asdict(config), "seed": seed, "num_classes": num_classes,
@@ -318,7 +324,7 @@ class OnlineSampler:
         self.num_samples = factor * len(train_labels)
         self.variance = variance
         self.seed = seed
-        frequencies = np.bincount(train_labels, minlength=bundle.num_classes) / len(train_labels)
+        frequencies = class_counts(train_labels, bundle.num_classes) / len(train_labels)
         self.class_probabilities = torch.as_tensor(frequencies, dtype=torch.float32, device=self.device)
 
     def __call__(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,8 +67,8 @@ def probe_config(args: argparse.Namespace) -> ProbeConfig:
 def anonymizer_flag(args: argparse.Namespace) -> str:
     """Name of the released set in result files: identity, ksame-<k> or cvae."""
     if args.anonymizer == "ksame":
-        if args.k is None or args.k < 1:
-            raise UserError("--anonymizer ksame needs --k, a cluster size of at least 1")
+        if args.k is None or args.k < 2:
+            raise UserError("--anonymizer ksame needs --k, a cluster size of at least 2")
         return f"ksame-{args.k}"
     return args.anonymizer
 

@@ -141,10 +141,11 @@ def _closest(points: torch.Tensor, sq_norms: torch.Tensor, error: float, pivot: 
 
 def _exact_sums(points: torch.Tensor, chosen: torch.Tensor, rows: torch.Tensor, block_size: int) -> torch.Tensor:
     """Sums of exact distances from a few chosen points to `rows` (in chunks, to bound the memory)."""
+    chosen_points = points[chosen].double()[:, None, :]
     sums = torch.zeros(chosen.numel(), dtype=torch.float64, device=points.device)
     for start in range(0, rows.numel(), block_size):
         chunk = points[rows[start:start + block_size]].double()
-        sums += (chunk[None, :, :] - points[chosen].double()[:, None, :]).square_().sum(2).sqrt_().sum(1)
+        sums += (chunk[None, :, :] - chosen_points).square_().sum(2).sqrt_().sum(1)
     return sums
 
 

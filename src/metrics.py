@@ -72,7 +72,8 @@ def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, block_siz
     """Euclidean distance from each query to its nearest reference vector, and that vector's index.
 
     Works through block_size x block_size tiles. `exclude_self` (queries is reference)
-    skips each vector's own row, giving real-to-real nearest-neighbour distances.
+    skips each vector's own row, giving real-to-real nearest-neighbour distances; queries and
+    reference share one tile grid then, so a vector meets itself only on the diagonal tiles.
     """
     queries, reference = queries.float(), reference.float()
     reference_sq = reference.square().sum(dim=1)
@@ -85,11 +86,8 @@ def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, block_siz
         for r_start in range(0, len(reference), block_size):
             reference_block = reference[r_start:r_start + block_size]
             squared = query_sq + reference_sq[r_start:r_start + block_size] - 2.0 * query_block @ reference_block.T
-            if exclude_self:
-                rows = torch.arange(len(query_block), device=queries.device)
-                cols = rows + q_start - r_start
-                inside = (cols >= 0) & (cols < len(reference_block))
-                squared[rows[inside], cols[inside]] = float("inf")
+            if exclude_self and q_start == r_start:
+                squared.fill_diagonal_(float("inf"))
             tile_best, tile_index = squared.min(dim=1)
             better = tile_best < block_best
             block_best = torch.where(better, tile_best, block_best)

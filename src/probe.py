@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from src.io import atomic_path
+from src.io import UserError, atomic_path
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 TrainSource = Union[Batch, Callable[[int], Batch]]
@@ -87,9 +87,13 @@ def train_probe(train_source: TrainSource, val_x: torch.Tensor, val_y: torch.Ten
     val_x, val_y = val_x.to(device, torch.float32), val_y.to(device, torch.long)
     model = seeded_linear(val_x.shape[1], num_classes, seed).to(device)
     if checkpoint is not None and Path(checkpoint).is_file():
-        saved = torch.load(checkpoint, map_location=device, weights_only=True)
-        model.load_state_dict(saved["state_dict"])
-        return model.eval(), saved["history"]
+        try:
+            saved = torch.load(checkpoint, map_location=device, weights_only=True)
+            model.load_state_dict(saved["state_dict"])
+            history = saved["history"]
+        except Exception as err:  # a damaged file can fail inside the unpickler with almost any type
+            raise UserError(f"cannot read probe checkpoint {checkpoint} ({err}); delete it to retrain") from err
+        return model.eval(), history
 
     with _one_cpu_thread(device):
         model, history = _fit(model, train_source, val_x, val_y, config, device, seed)

@@ -158,9 +158,21 @@ def test_checkpoint_reused_only_for_same_data_and_settings(tmp_path, data):
 
 
 def test_unreadable_checkpoint_is_user_error(tmp_path, data):
-    checkpoint_path(tmp_path, *data, NUM_CLASSES, FEW_EPOCHS, seed=0).write_bytes(b"truncated")
+    path = checkpoint_path(tmp_path, *data, NUM_CLASSES, FEW_EPOCHS, seed=0)
+    path.write_bytes(b"truncated")
     with pytest.raises(UserError, match="delete it"):
         load_or_train_cvae(tmp_path, *data, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
+    bundle = train_cvae(*data, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
+    torch.save({"state_dict": bundle.model.state_dict()}, path)  # readable, but the scaler and history are lost
+    with pytest.raises(UserError, match="delete it"):
+        load_or_train_cvae(tmp_path, *data, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
+
+
+def test_bundle_records_its_checkpoint(tmp_path, data):
+    trained = load_or_train_cvae(tmp_path, *data, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
+    loaded = load_or_train_cvae(tmp_path, *data, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
+    expected = checkpoint_path(tmp_path, *data, NUM_CLASSES, FEW_EPOCHS, seed=0)
+    assert trained.checkpoint == loaded.checkpoint == expected and expected.is_file()
 
 
 def test_online_sampler_fresh_each_epoch_with_training_label_distribution(bundle, data):

@@ -90,6 +90,10 @@ def test_checkpoint_is_reused_only_for_the_same_key(tmp_path):
     loaded, loaded_history = train_probe(must_not_train, *tensors(*val), 3, config, CPU, 0, checkpoint=path)
     assert torch.equal(trained.weight, loaded.weight) and loaded_history == history
 
+    path.write_bytes(b"truncated")
+    with pytest.raises(UserError, match="probe checkpoint .* delete it"):
+        train_probe(must_not_train, *tensors(*val), 3, config, CPU, 0, checkpoint=path)
+
 
 def test_noise_zero_changes_nothing_and_large_noise_drives_auc_to_chance():
     train, val, test = (gaussian_classes(n, seed=s) for n, s in [(400, 1), (100, 2), (3000, 3)])
