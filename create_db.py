@@ -41,26 +41,29 @@ def main() -> None:
     args = parse_args()
     if args.batch_size < 1 or args.num_workers < 0 or (args.img_size is not None and args.img_size < 1):
         raise UserError("--batch_size and --img_size must be positive and --num_workers non-negative")
+    if args.weights is not None and not args.weights.is_file():
+        raise UserError(f"--weights {args.weights} does not exist; give a .safetensors or .pth state dict")
     check_backbone_name(args.backbone)
     device = resolve_device(args.device)
-    seed_everything(args.seed)
-    weights_id = (file_fingerprint(args.weights) if args.weights and args.weights.is_file()
-                  else "random-init" if args.random_init else "timm-pretrained")
+    seed_everything(args.seed)  # a random initialisation depends on the seed, so its id names it
+    weights_id = (file_fingerprint(args.weights) if args.weights is not None
+                  else f"random-init-s{args.seed}" if args.random_init else "timm-pretrained")
     settings = {"dataset": args.dataset, "backbone": args.backbone, "weights": weights_id,
                 "img_size": args.img_size, "size": args.size}
     out_dir = database_dir(args.database_root, args.dataset, args.backbone)
-    options = DatasetOptions(download=args.download, size=args.size)
-    splits = {name: load_split(args.dataset, args.dataset_root, name, options) for name in SPLITS}
-
-    todo = [name for name in SPLITS if not _is_current(out_dir / f"{name}.npz", settings)]
+    todo = []
     for name in SPLITS:
-        if name not in todo:
+        if _is_current(out_dir / f"{name}.npz", settings):
             print(f"reusing {out_dir / f'{name}.npz'} (same settings and weights)")
+        else:
+            todo.append(name)
     if not todo:
         return
+    # every split still to embed is read before the slow part, so a missing one fails fast
+    options = DatasetOptions(download=args.download, size=args.size)
+    splits = {name: load_split(args.dataset, args.dataset_root, name, options) for name in todo}
     backbone = create_backbone(args.backbone, args.weights, args.img_size, pretrained=not args.random_init)
-    for name in todo:
-        split = splits[name]
+    for name, split in splits.items():
         embeddings = extract_embeddings(backbone, split, device, args.batch_size, args.num_workers,
                                         description=f"{args.dataset}/{name}")
         meta = {"stage": "create_db", "split": name, "settings": settings, "weights": backbone.weights,

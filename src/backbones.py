@@ -16,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+from src.convert_weights import read_weights_metadata
 from src.io import UserError, file_fingerprint
 
 
@@ -50,10 +51,11 @@ def create_backbone(name: str, weights: Path | None = None, img_size: int | None
     check_backbone_name(name)
     size_kwargs = {"img_size": img_size} if img_size else {}
     if weights is not None:
+        weights = Path(weights)
         model = _create(name, pretrained=False, **size_kwargs)
-        _load_weights_file(model, Path(weights), name)
-        source = {"kind": "file", "path": str(weights), "sha256": file_fingerprint(Path(weights)),
-                  "description": _describe_weights_file(Path(weights))}
+        _load_weights_file(model, weights, name)
+        source = {"kind": "file", "path": str(weights), "sha256": file_fingerprint(weights),
+                  "description": _describe_weights_file(weights)}
     elif pretrained:
         _ensure_pretrained_available(name)
         model = _create(name, pretrained=True, **size_kwargs)
@@ -146,9 +148,5 @@ def _load_weights_file(model: nn.Module, path: Path, name: str) -> None:
 
 def _describe_weights_file(path: Path) -> str:
     """The description stored in a safetensors header (our converted weights carry one)."""
-    if path.suffix != ".safetensors":
-        return "user-supplied state dict"
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return (handle.metadata() or {}).get("source", "user-supplied state dict")
+    fallback = "user-supplied state dict"
+    return read_weights_metadata(path).get("source", fallback) if path.suffix == ".safetensors" else fallback

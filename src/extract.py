@@ -78,7 +78,7 @@ def _sample_batches(samples: Dataset, batch_size: int, device: torch.device, dat
     transform = timm.data.create_transform(**data_config, is_training=False)
     loader = DataLoader(TransformedSamples(samples, transform), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+                        prefetch_factor=4 if num_workers > 0 else None)
     for batch in loader:
         yield batch.to(device, non_blocking=True)
 

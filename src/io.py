@@ -65,6 +65,13 @@ def array_fingerprint(*arrays: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
+def current_umask() -> int:
+    """The process umask, for giving mkstemp / mkdtemp outputs the usual permissions (reading sets it back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -76,9 +83,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise UserError(f"cannot write to {path.parent}: {err.strerror}; choose a writable folder") from err
     os.close(handle)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # mkstemp makes 0600; outputs should get the usual permissions
+    tmp.chmod(0o666 & ~current_umask())  # mkstemp makes 0600; outputs should get the usual permissions
     try:
         yield tmp
         os.replace(tmp, path)

@@ -14,7 +14,7 @@ from PIL import Image
 from src.backbones import create_backbone
 from src.data import load_split
 from src.extract import DeviceTransform, extract_embeddings
-from src.io import load_database
+from src.io import load_database, save_database
 from cli_checks import assert_one_line_error  # tests/cli_checks.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +125,17 @@ def test_bad_input_exits_2_and_leaves_outputs(tmp_path, existing_database, case)
         args, fragments = args + ["--weights", str(tmp_path / "absent.pth")], ["absent.pth"]
     assert_one_line_error(run_create_db(*args), *fragments)
     assert (existing_database / "digits" / "test_vit" / "train.npz").read_bytes() == b"earlier output"
+
+
+def test_missing_weights_file_is_an_error_even_when_pretrained_databases_are_current(tmp_path):
+    """A --weights typo must not fall back to reusing databases made with other weights."""
+    settings = {"dataset": "digits", "backbone": "test_vit", "weights": "timm-pretrained", "img_size": 64, "size": 224}
+    for split in ("train", "val", "test"):
+        save_database(tmp_path / "digits" / "test_vit" / f"{split}.npz", np.zeros((2, 4)), np.zeros(2),
+                      {"settings": settings})
+    result = run_create_db("--dataset", "digits", "--database_root", str(tmp_path), *TINY,
+                           "--weights", str(tmp_path / "absent.pth"))
+    assert_one_line_error(result, "--weights", "absent.pth")
 
 
 def test_paper_backbone_without_cache_or_network_explains_how_to_get_weights(tmp_path):

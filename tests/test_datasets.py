@@ -85,6 +85,14 @@ def test_medmnist_refuses_missing_corrupt_multilabel_and_bad_size(tmp_path):
         load_split("breastmnist", tmp_path, "train", DatasetOptions(size=100))
 
 
+def test_medmnist_refuses_a_label_count_that_differs_from_the_images(tmp_path):
+    arrays = write_medmnist(tmp_path / "medmnist", "breastmnist_224.npz", (8, 8), classes=2)
+    arrays["train_labels"] = arrays["train_labels"][:-1]
+    np.savez_compressed(tmp_path / "medmnist" / "breastmnist_224.npz", **arrays)
+    with pytest.raises(UserError, match=r"breastmnist_224\.npz: train_images .* \(5, 1\)"):
+        load_split("breastmnist", tmp_path, "train")
+
+
 # ---------------------------------------------------------------- MedIMeta
 
 def write_medimeta(folder: Path, task: str, channels: int, side: int, count: int = 12) -> tuple[np.ndarray, np.ndarray]:

@@ -80,9 +80,9 @@ def to_hwc(images: np.ndarray, input_size: list[int], source: Path) -> np.ndarra
         images = images[..., None]
     elif images.shape[1:] == (channels, height, width) and channels != width:
         images = images.transpose(0, 2, 3, 1)
-    if images.shape[1:3] != (height, width) or images.dtype != np.uint8:
+    if images.shape[1:3] != (height, width) or images.shape[3:] not in {(1,), (3,)} or images.dtype != np.uint8:
         raise UserError(f"{source}: images are {images.dtype} {images.shape[1:]}, "
-                        f"expected uint8 of input_size {input_size} from info.yaml")
+                        f"expected uint8 grey or RGB of input_size {input_size} from info.yaml")
     return images
 
 

@@ -68,7 +68,7 @@ def load_medmnist_split(flag: str, root: Path, split: str, options: DatasetOptio
         raise UserError(f"cannot read {path} ({err}); delete it and download it again") from err
     if images.ndim == 3:
         images = images[..., None]
-    if images.ndim != 4 or images.dtype != np.uint8 or labels.reshape(len(labels), -1).shape[1] != 1:
+    if images.ndim != 4 or images.dtype != np.uint8 or labels.shape not in {(len(images),), (len(images), 1)}:
         raise UserError(f"{path}: {split}_images must be uint8 N x H x W [x 3] and {split}_labels N x 1, "
                         f"got {images.dtype} {images.shape} and {labels.shape}; download it again")
     class_names = [info["label"][str(index)] for index in range(len(info["label"]))]

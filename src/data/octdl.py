@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from src.data.base import SPLITS, DatasetOptions, ImageSplit
 from src.data.imagefolder import ImageFiles, scan_class_tree
-from src.io import UserError
+from src.io import UserError, current_umask
 
 # fixed order, so label ids never depend on which class folders a split happens to hold
 OCTDL_CLASSES = ["AMD", "DME", "ERM", "NO", "RAO", "RVO", "VID"]
@@ -124,6 +124,7 @@ def build_octdl_tree(raw_dir: Path, out_dir: Path, val_fraction: float = 0.15, t
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{TREE_NAME}."))
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the tree should get the usual permissions
     except OSError as err:
         raise UserError(f"cannot write to {out_dir}: {err.strerror}; choose a writable --out") from err
     try:
