@@ -20,7 +20,7 @@ import numpy as np
 from src.cvae import CVAEConfig, generate_offline, load_or_train_cvae
 from src.io import UserError, database_dir, file_fingerprint, load_database, package_versions, run_cli, save_database
 from src.ksame import ksame
-from src.runtime import resolve_device
+from src.runtime import resolve_device, seed_everything
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,6 +44,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = resolve_device(args.device)
+    seed_everything(args.seed)
     folder = database_dir(args.database_root, args.dataset, args.backbone)
     make_db = f"python create_db.py --dataset {args.dataset} --backbone {args.backbone}"
     train_path = folder / "train.npz"

@@ -19,7 +19,7 @@ from src.evaluation import (add_common_arguments, add_sigma_argument, checked_si
                             noisy_test_metrics, probe_config, released_privacy, result_record, write_noise_results)
 from src.io import UserError, array_fingerprint, database_dir, run_cli
 from src.probe import probe_checkpoint_path, train_probe, zscore, zscore_stats
-from src.runtime import resolve_device
+from src.runtime import resolve_device, seed_everything
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,6 +42,7 @@ def main() -> None:
     if not (np.isfinite(args.variance) and args.variance > 0) or args.online_factor < 1 or args.cvae_max_epochs < 1:
         raise UserError("--variance must be positive, --online_factor and --cvae_max_epochs at least 1")
     device = resolve_device(args.device)
+    seed_everything(args.seed)
     data = load_probe_data(args.database_root, args.dataset, args.backbone)
 
     cvae_config = CVAEConfig(max_epochs=args.cvae_max_epochs, reference_objective=args.reference_objective)

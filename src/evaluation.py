@@ -21,7 +21,7 @@ from src.io import (UserError, array_fingerprint, database_dir, dataset_dirname,
                     package_versions, write_json)
 from src.metrics import accuracy, auroc, balanced_accuracy, privacy_metrics
 from src.probe import ProbeConfig, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
-from src.runtime import resolve_device
+from src.runtime import resolve_device, seed_everything
 
 DEFAULT_BACKBONE = "vit_base_patch14_dinov2.lvd142m"
 ANONYMIZERS = ("identity", "ksame", "cvae")
@@ -138,8 +138,6 @@ def load_probe_data(database_root: Path, dataset: str, backbone: str,
         listing = ", ".join(f"{path} has {dim}" for path, dim in dims.items())
         raise UserError(f"embedding sizes differ ({listing}); recreate them with the same backbone")
     labels = [y for _, y in splits.values()] + [released_y]
-    if min(int(y.min()) for y in labels) < 0:
-        raise UserError(f"negative class labels in {folder}; labels must be 0..C-1, recreate the databases")
     known = set(np.unique(released_y).tolist())
     for path, y in ((released_path, released_y), (paths["test"], splits["test"][1])):
         if len(np.unique(y)) < 2:
@@ -200,6 +198,7 @@ def run_probing(args: argparse.Namespace, sigmas: list[float]) -> tuple[str, dic
     flag = anonymizer_flag(args)
     config = probe_config(args)
     device = resolve_device(args.device)
+    seed_everything(args.seed)
     released_path, hint = released_database(args)
     data = load_probe_data(args.database_root, args.dataset, args.backbone, released_path, hint)
 

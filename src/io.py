@@ -126,6 +126,8 @@ def load_database(path: Path, hint: str = "") -> tuple[np.ndarray, np.ndarray, d
                         f"for {embeddings.shape[0]} embeddings; recreate it")
     if not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"{path}: labels must be integers, got {labels.dtype}; recreate it")
+    if labels.min() < 0:
+        raise UserError(f"{path}: negative class labels; labels must be 0..C-1, recreate it")
     if not np.isfinite(embeddings).all():
         raise UserError(f"{path}: embeddings contain NaN or infinite values; recreate it")
     return embeddings, labels.astype(np.int64), meta

@@ -26,14 +26,12 @@ copy becomes the pivot whatever the matrix-product rounding.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from src.io import UserError
+from src.runtime import one_cpu_thread
 
 SUM_MARGIN = 1e-10  # relative; float64 sums of N distances err by ~1e-13, far below this
 
@@ -48,18 +46,6 @@ def squared_distances(a: torch.Tensor, a_sq_norms: torch.Tensor, b: torch.Tensor
                       b_sq_norms: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances between the rows of a and b by the Gram form, clamped at 0."""
     return (a_sq_norms[:, None] + b_sq_norms[None, :] - 2.0 * (a @ b.T)).clamp_(min=0.0)
-
-
-@contextmanager
-def _cpu_threads(count: int) -> Iterator[None]:
-    """Run torch CPU ops with `count` threads. The per-step ops are tiny, and on a busy
-    machine waking a second thread for each costs milliseconds, more than the op itself."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _check_k(k: int, num_points: int) -> None:
@@ -252,7 +238,7 @@ def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.
     unassigned = torch.ones(n, dtype=torch.bool, device=device)
     unassigned_host = np.ones(n, dtype=bool)
     clusters = np.empty((n // k, k), dtype=np.int64)
-    with _cpu_threads(1):
+    with one_cpu_thread():
         for step in tqdm(range(n // k), desc=f"k-Same (k={k})", leave=False, disable=None):
             # Sums this close may be equal in exact arithmetic (always so when two points are
             # left): settle them with exact sums, then by the lowest row index.

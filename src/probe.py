@@ -16,10 +16,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from src.io import UserError, atomic_path
+from src.runtime import one_cpu_thread
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 TrainSource = Union[Batch, Callable[[int], Batch]]
@@ -95,25 +95,12 @@ def train_probe(train_source: TrainSource, val_x: torch.Tensor, val_y: torch.Ten
             raise UserError(f"cannot read probe checkpoint {checkpoint} ({err}); delete it to retrain") from err
         return model.eval(), history
 
-    with _one_cpu_thread(device):
+    with one_cpu_thread():
         model, history = _fit(model, train_source, val_x, val_y, config, device, seed)
     if checkpoint is not None:
         with atomic_path(Path(checkpoint)) as tmp:
             torch.save({"state_dict": model.state_dict(), "history": history}, tmp)
     return model.eval(), history
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run on one CPU thread: the probe's ops are too small to gain from more, and on a busy
-    machine waiting for a descheduled second thread made training up to 100x slower."""
-    previous = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _fit(model: nn.Linear, train_source: TrainSource, val_x: torch.Tensor, val_y: torch.Tensor,

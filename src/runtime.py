@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -33,6 +35,23 @@ def resolve_device(name: str) -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (and thereby random weight initialisation)."""
+    if seed < 0:
+        raise UserError(f"--seed {seed}: seeds must be 0 or more")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def one_cpu_thread() -> Iterator[None]:
+    """Run torch CPU ops on one thread inside the block (GPU work is unaffected).
+
+    For loops of many tiny ops (probe steps, k-Same steps): they gain nothing from a
+    second thread, and on a busy machine waking a descheduled one costs more than the op.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

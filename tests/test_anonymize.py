@@ -78,6 +78,8 @@ def corrupt(folder: Path, case: str) -> None:
             labels = labels[:-1]
         elif case == "one_class":
             labels = np.zeros_like(labels)
+        elif case == "negative_labels":
+            labels = labels - 1
         np.savez(train, embeddings=embeddings, labels=labels)
 
 
@@ -91,6 +93,8 @@ def corrupt(folder: Path, case: str) -> None:
     (["--anonymizer", "ksame", "--k", "5"], "count_mismatch", ["train.npz", "labels"]),
     (["--anonymizer", "cvae"], "val_dimension", ["val.npz", "dimension"]),
     (["--anonymizer", "cvae"], "one_class", ["train.npz", "one class"]),
+    (["--anonymizer", "cvae"], "negative_labels", ["train.npz", "negative"]),
+    (["--anonymizer", "cvae", "--seed", "-1"], None, ["--seed -1"]),
 ])
 def test_bad_input_exits_2_and_writes_nothing(database, args, case, fragments):
     folder = database / "toy" / "tiny"
