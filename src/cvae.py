@@ -12,8 +12,6 @@ bf16 would save little and would coarsen the generated embeddings.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from src.io import UserError, array_fingerprint, atomic_path
+from src.io import UserError, array_fingerprint, atomic_path, settings_key
 from src.runtime import seed_everything
 
 GENERATION_CHUNK = 1 << 16  # rows per decoder call: bounds peak memory, keeps calls few
@@ -236,8 +234,7 @@ def checkpoint_path(ckpt_dir: Path, train_x: np.ndarray, train_y: np.ndarray, va
     so a checkpoint is only ever reused for exactly what produced it."""
     settings = {"config": asdict(config), "seed": seed, "num_classes": num_classes,
                 "data": array_fingerprint(train_x, train_y, val_x, val_y)}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(ckpt_dir) / f"cvae-{key}.pt"
+    return Path(ckpt_dir) / f"cvae-{settings_key(settings)}.pt"
 
 
 def load_or_train_cvae(ckpt_dir: Path, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,

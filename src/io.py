@@ -72,6 +72,11 @@ def current_umask() -> int:
     return umask
 
 
+def settings_key(settings: dict) -> str:
+    """SHA-256 of settings as sorted JSON (first 16 hex digits): names a checkpoint by what made it."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""

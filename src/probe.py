@@ -14,8 +14,6 @@ reuses a stale checkpoint.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Union
@@ -26,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from src.io import UserError, atomic_path
+from src.io import UserError, atomic_path, settings_key
 from src.runtime import one_cpu_thread
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -63,9 +61,8 @@ def probe_checkpoint_path(ckpt_dir: Path, config: ProbeConfig, seed: int, num_cl
     `key_material` holds fingerprints of the data (src.io.array_fingerprint) or, for a
     callable source, whatever identifies the generator that feeds it.
     """
-    key = json.dumps({"config": asdict(config), "seed": seed, "num_classes": num_classes,
-                      "data": key_material}, sort_keys=True)
-    return Path(ckpt_dir) / f"probe-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    key = settings_key({"config": asdict(config), "seed": seed, "num_classes": num_classes, "data": key_material})
+    return Path(ckpt_dir) / f"probe-{key}.pt"
 
 
 @torch.no_grad()
