@@ -26,11 +26,7 @@ from src.backbones import create_backbone  # noqa: E402
 from src.data.base import ImageSplit  # noqa: E402
 from src.extract import extract_embeddings  # noqa: E402
 from src.runtime import resolve_device  # noqa: E402
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from timing import synchronize  # noqa: E402  (benchmarks/timing.py, next to this script)
 
 
 @torch.inference_mode()

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.cvae import CVAE, CVAEBundle, CVAEConfig, MinMaxScaler, OnlineSampler, batch_loss, train_cvae  # noqa: E402
 from src.runtime import resolve_device, seed_everything  # noqa: E402
+from timing import race  # noqa: E402  (benchmarks/timing.py, next to this script)
 
 NUM_CLASSES = 10
 DIM = 768
@@ -36,24 +35,6 @@ def gaussian_mixture(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarra
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, NUM_CLASSES, num_samples)
     return (centres[labels] + rng.normal(size=(num_samples, DIM))).astype(np.float32), labels
-
-
-def race(runs: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, tuple[float, object]]:
-    """Least wall time of each run over `repeats` rounds, the runs interleaved within a round so
-    that load from other processes on a shared machine falls on both sides alike. Returns
-    (seconds, last result) per run name."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    results: dict[str, object] = {}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            results[name] = run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {name: (min(times[name]), results[name]) for name in runs}
 
 
 def train_reference_style(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
