@@ -134,19 +134,43 @@ def seeded_linear(in_features: int, num_classes: int, seed: int) -> nn.Linear:
         return nn.Linear(in_features, num_classes)
 
 
+def cross_entropy_gradients(weight: torch.Tensor, bias: torch.Tensor, inputs: torch.Tensor,
+                            targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of a linear layer on a batch, and the gradients of its mean.
+
+    Written out instead of taken from autograd: d mean-loss / d logits = (softmax - onehot) / batch.
+    For a layer this small autograd's bookkeeping costs as much as the arithmetic itself.
+    The logits are laid out classes x batch because CPU sgemm runs that shape about twice as
+    fast as batch x classes. Returns (loss sum, d/d weight, d/d bias).
+    """
+    log_probs = torch.log_softmax(torch.addmm(bias[:, None], weight, inputs.T), dim=0)
+    columns = torch.arange(len(targets), device=inputs.device)
+    loss_sum = -log_probs[targets, columns].sum()
+    grad_logits = log_probs.exp_()
+    grad_logits[targets, columns] -= 1.0
+    grad_logits /= len(targets)
+    return loss_sum, grad_logits @ inputs, grad_logits.sum(dim=1)
+
+
 def _train_epoch(model: nn.Linear, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                  batch_size: int, generator: torch.Generator) -> float:
-    """One pass over (x, y) in shuffled mini-batches; returns the mean training loss."""
+    """One pass over (x, y) in shuffled mini-batches; returns the mean training loss.
+
+    Each batch is gathered into one reused buffer and the gradients are set by hand
+    (cross_entropy_gradients) before torch's Adam applies them.
+    """
     model.train()
     order = torch.randperm(len(x), generator=generator).to(x.device)
+    buffer = torch.empty(batch_size, x.shape[1], device=x.device)
     total = torch.zeros((), device=x.device)
-    for start in range(0, len(x), batch_size):
-        index = order[start:start + batch_size]
-        loss = F.cross_entropy(model(x[index]), y[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach() * len(index)
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            index = order[start:start + batch_size]
+            inputs = torch.index_select(x, 0, index, out=buffer[:len(index)])
+            loss_sum, model.weight.grad, model.bias.grad = cross_entropy_gradients(
+                model.weight, model.bias, inputs, y[index])
+            optimizer.step()
+            total += loss_sum
     return float(total) / len(x)
 
 

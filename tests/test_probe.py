@@ -12,7 +12,8 @@ from sklearn.linear_model import LogisticRegression
 from src.evaluation import load_probe_data, noisy_test_metrics
 from src.io import UserError, save_database
 from src.metrics import auroc
-from src.probe import ProbeConfig, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
+from src.probe import (ProbeConfig, cross_entropy_gradients, predict_proba, probe_checkpoint_path, train_probe, zscore,
+                       zscore_stats)
 from cli_checks import assert_one_line_error  # tests/cli_checks.py
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +38,19 @@ def test_zscore_maps_constant_features_to_zero():
     z = zscore(x, mean, std)
     np.testing.assert_allclose(z[:, 0], [-1.2247449, 0.0, 1.2247449], rtol=1e-6)
     assert (z[:, 1] == 0).all()
+
+
+def test_written_out_gradients_equal_autograd():
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(12, 4)
+    inputs, targets = torch.randn(37, 12, generator=generator), torch.tensor([0, 1, 2, 3, 3, 3, 0] * 5 + [1, 2])
+    loss = torch.nn.functional.cross_entropy(layer(inputs), targets)
+    loss.backward()
+    with torch.no_grad():
+        loss_sum, grad_weight, grad_bias = cross_entropy_gradients(layer.weight, layer.bias, inputs, targets)
+    torch.testing.assert_close(loss_sum / len(targets), loss.detach())
+    torch.testing.assert_close(grad_weight, layer.weight.grad)
+    torch.testing.assert_close(grad_bias, layer.bias.grad)
 
 
 def test_probe_matches_logistic_regression_auc():
