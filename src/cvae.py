@@ -24,7 +24,10 @@ from tqdm import tqdm
 from src.io import UserError, array_fingerprint, atomic_path, settings_key
 from src.runtime import seed_everything
 
-GENERATION_CHUNK = 1 << 16  # rows per decoder call: bounds peak memory, keeps calls few
+# Rows per decoder call. A chunk's activations (1024 x 768 floats, 3 MB) stay in cache while the
+# sigmoid and the un-normalisation run over them: twice as fast on a CPU as one big call, and on a
+# GPU the 50 calls of a 50,000-vector epoch cost about a millisecond of launches.
+GENERATION_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,8 @@ class MinMaxScaler:
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.minimum) / torch.where(self.span > 0, self.span, torch.ones_like(self.span))
 
-    def inverse(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.minimum, x, self.span)
+    def inverse(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.addcmul(self.minimum, x, self.span, out=out)
 
     def to(self, device: torch.device) -> MinMaxScaler:
         return MinMaxScaler(minimum=self.minimum.to(device), span=self.span.to(device))
@@ -279,10 +282,11 @@ def generate(bundle: CVAEBundle, labels: torch.Tensor, variance: float,
     labels = labels.to(bundle.device)
     z = variance * torch.randn(len(labels), bundle.model.latent_dim, device=bundle.device, generator=generator)
     onehot = F.one_hot(labels, bundle.num_classes).float()
-    step = GENERATION_CHUNK
-    decoded = torch.cat([bundle.model.decode(z[start:start + step], onehot[start:start + step])
-                         for start in range(0, len(labels), step)])
-    return bundle.scaler.inverse(decoded)
+    vectors = torch.empty(len(labels), len(bundle.scaler.minimum), device=bundle.device)
+    for start in range(0, len(labels), GENERATION_CHUNK):
+        rows = slice(start, start + GENERATION_CHUNK)
+        bundle.scaler.inverse(bundle.model.decode(z[rows], onehot[rows]), out=vectors[rows])
+    return vectors
 
 
 def class_counts(train_labels: np.ndarray, num_classes: int, total: int | None = None) -> np.ndarray:
