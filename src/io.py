@@ -8,6 +8,7 @@ failed run never leaves a half-written or clobbered output behind.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -47,7 +48,17 @@ def package_versions() -> dict[str, str]:
 
 
 def file_fingerprint(path: Path) -> str:
-    """SHA-256 of a file's bytes (first 16 hex digits): identifies the data a result came from."""
+    """SHA-256 of a file's bytes (first 16 hex digits): identifies the data a result came from.
+
+    Remembered per (path, inode, size, modification time) within a run, so a multi-GB
+    weights file named in several places is read once, while a rewritten file is read again.
+    """
+    stat = os.stat(path)
+    return _hash_file(str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_file(path: str, inode: int, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
