@@ -73,7 +73,8 @@ def main() -> None:
     privacy = released_privacy(first_x, data.train_x, data.test_x, device)
     released = dataclasses.replace(data, released_x=first_x, released_y=first_y)
     flag = f"cvae-online-v{args.variance:g}"
-    write_noise_results(args, flag, {sigma: result_record(utility[sigma], privacy, sigma, args, released, history)
+    write_noise_results(args, flag, {sigma: result_record(utility[sigma], privacy, sigma, args, released, history,
+                                                             device)
                                      for sigma in sigmas})
 
 

@@ -179,7 +179,7 @@ def released_privacy(released_x: np.ndarray, train_x: np.ndarray, test_x: np.nda
 
 
 def result_record(utility: dict, privacy: dict, sigma: float, args: argparse.Namespace, data: ProbeData,
-                  history: dict) -> dict:
+                  history: dict, device: torch.device) -> dict:
     """One result file's content: metrics at top level, then how they were made."""
     return {
         **utility, **privacy, "sigma": sigma,
@@ -188,6 +188,7 @@ def result_record(utility: dict, privacy: dict, sigma: float, args: argparse.Nam
         "probe": {"best_epoch": history["best_epoch"], "epochs_run": len(history["val_loss"]),
                   "best_val_loss": min(history["val_loss"])},
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        "device": str(device),  # what --device auto resolved to: float results differ slightly between devices
         "inputs": data.inputs,
         "versions": package_versions(),
     }
@@ -214,4 +215,5 @@ def run_probing(args: argparse.Namespace, sigmas: list[float]) -> tuple[str, dic
 
     utility = noisy_test_metrics(model, test_x, data.test_y, sigmas, args.seed)
     privacy = released_privacy(data.released_x, data.train_x, data.test_x, device)
-    return flag, {sigma: result_record(utility[sigma], privacy, sigma, args, data, history) for sigma in sigmas}
+    return flag, {sigma: result_record(utility[sigma], privacy, sigma, args, data, history, device)
+                  for sigma in sigmas}

@@ -14,6 +14,7 @@ from src.io import UserError, save_database
 from src.metrics import auroc
 from src.probe import (ProbeConfig, cross_entropy_gradients, predict_proba, probe_checkpoint_path, train_probe, zscore,
                        zscore_stats)
+from src.runtime import resolve_device
 from cli_checks import assert_one_line_error  # tests/cli_checks.py
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,6 +186,7 @@ def test_probing_cli_writes_complete_result(tmp_path):
         assert isinstance(record[key], float)
     assert record["sigma"] == 0.0 and record["average_mindistance"] == 0.0 and record["mia_auc"] > 90
     assert record["settings"]["seed"] == 3 and record["settings"]["anonymizer"] == "identity"
+    assert record["settings"]["device"] == "auto" and record["device"] == str(resolve_device("auto"))
     assert set(record["inputs"]) == {str(folder / f"{split}.npz") for split in ("train", "val", "test")}
     assert {"torch", "numpy", "scikit-learn"} <= set(record["versions"])
 
