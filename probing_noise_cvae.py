@@ -60,7 +60,7 @@ def main() -> None:
 
     def zscored_samples(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = sampler(epoch)
-        return (x - mean_t) / std_t, y
+        return x.sub_(mean_t).div_(std_t), y  # in place: an epoch's samples are fresh, and 10 x N of them is large
 
     val_x, test_x = (torch.from_numpy(zscore(x, mean, std)).to(device) for x in (data.val_x, data.test_x))
     key = {"cvae": bundle.checkpoint.stem, "variance": args.variance,
