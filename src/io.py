@@ -57,7 +57,7 @@ def file_fingerprint(path: Path) -> str:
     return _hash_file(str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache  # one entry per file version seen: a sweep checks hundreds of inputs, repeatedly
 def _hash_file(path: str, inode: int, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

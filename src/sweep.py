@@ -302,20 +302,6 @@ def expand(config: SweepConfig, results_dir: Path) -> list[Point]:
 
 # ---------------------------------------------------------------- currency
 
-class Fingerprints:
-    """file_fingerprint, computed once per file version (path, size, mtime) in this run."""
-
-    def __init__(self) -> None:
-        self.known: dict[tuple[Path, int, int], str] = {}
-
-    def __call__(self, path: Path) -> str:
-        stat = path.stat()
-        key = (path.resolve(), stat.st_size, stat.st_mtime_ns)
-        if key not in self.known:
-            self.known[key] = file_fingerprint(path)
-        return self.known[key]
-
-
 def recorded(path: Path) -> dict | None:
     """The settings/inputs record of an output: a result JSON, or the meta of a database."""
     try:
@@ -340,7 +326,7 @@ def same_setting(found: object, wanted: object) -> bool:
     return found == wanted
 
 
-def stale_reason(point: Point, fingerprints: Fingerprints) -> str | None:
+def stale_reason(point: Point) -> str | None:
     """Why the point must run, or None when all its outputs are current."""
     for output in point.outputs:
         path = REPO_ROOT / output
@@ -359,7 +345,7 @@ def stale_reason(point: Point, fingerprints: Fingerprints) -> str | None:
             source = REPO_ROOT / name
             if not source.is_file():
                 return f"input {name} of {output} is gone"
-            if fingerprints(source) != fingerprint:
+            if file_fingerprint(source) != fingerprint:
                 return f"input {name} changed since {output} was written"
     return None
 
@@ -401,7 +387,6 @@ def run_points(points: list[Point], jobs: int, log_dir: Path) -> tuple[dict[str,
     state: dict[str, str] = {}
     failures: list[tuple[Point, str]] = []
     reasons: dict[str, str | None] = {}
-    fingerprints = Fingerprints()
     pending = list(points)
     running: dict[Future, Point] = {}
     with ThreadPoolExecutor(max_workers=jobs) as pool, \
@@ -416,7 +401,7 @@ def run_points(points: list[Point], jobs: int, log_dir: Path) -> tuple[dict[str,
                     state[point.name] = "blocked"
                 else:
                     if point.name not in reasons:  # known once the dependencies are settled
-                        reasons[point.name] = stale_reason(point, fingerprints)
+                        reasons[point.name] = stale_reason(point)
                     if reasons[point.name] is not None:
                         runnable.append(point)
                         continue
@@ -454,13 +439,12 @@ def run_points(points: list[Point], jobs: int, log_dir: Path) -> tuple[dict[str,
 
 def dry_run(points: list[Point]) -> None:
     """List each point with what a run would do, checking currency as far as it can be known now."""
-    fingerprints = Fingerprints()
     will_run: set[str] = set()
     for point in points:
         if will_run.intersection(point.deps):
             status = "run (after its dependencies)"
         else:
-            reason = stale_reason(point, fingerprints)
+            reason = stale_reason(point)
             status = "current" if reason is None else f"run: {reason}"
         if status != "current":
             will_run.add(point.name)

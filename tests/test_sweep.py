@@ -19,7 +19,7 @@ import yaml
 
 from src.data import SPLITS, load_split
 from src.io import database_dir, file_fingerprint, load_database, run_cli, save_database, write_json
-from src.sweep import REPO_ROOT, Fingerprints, expand, load_config, main, stale_reason
+from src.sweep import REPO_ROOT, expand, load_config, main, stale_reason
 
 BACKBONE = "vit_small_patch14_dinov2"
 STAGE_SCRIPTS = all((REPO_ROOT / script).is_file() for script in ("create_db.py", "probing.py", "probing_noise.py"))
@@ -155,30 +155,30 @@ def test_current_points_are_skipped_and_changes_make_them_stale(tmp_path, monkey
 
     config = load_config(config_path)
     points = {p.name: p for p in expand(config, tmp_path / "output_root/sweeps/tiny/results")}
-    assert all(stale_reason(point, Fingerprints()) is None for point in points.values())
+    assert all(stale_reason(point) is None for point in points.values())
     # a result recorded with other settings is stale, and only that one
     result = write_probe_result(tmp_path, 1)
     record = json.loads(result.read_text())
     record["settings"]["seed"] = 7
     result.write_text(json.dumps(record))
-    assert "seed=7" in stale_reason(points["probe-digits-identity-s1"], Fingerprints())
-    assert stale_reason(points["probe-digits-identity-s0"], Fingerprints()) is None
+    assert "seed=7" in stale_reason(points["probe-digits-identity-s1"])
+    assert stale_reason(points["probe-digits-identity-s0"]) is None
     # so is one made with another probe setting than the default of a key the config omits
     record["settings"].update(seed=1, epochs=5)
     result.write_text(json.dumps(record))
-    assert "epochs=5" in stale_reason(points["probe-digits-identity-s1"], Fingerprints())
+    assert "epochs=5" in stale_reason(points["probe-digits-identity-s1"])
     # changed embeddings make every probe that read them stale, but not the database itself
     test_db = database_dir(tmp_path / "database_root", "digits", BACKBONE) / "test.npz"
     embeddings, labels, meta = load_database(test_db)
     embeddings[0, 0] += 1.0
     save_database(test_db, embeddings, labels, meta)
-    assert "changed since" in stale_reason(points["noise-digits-identity-s0"], Fingerprints())
-    assert stale_reason(points["create_db-digits"], Fingerprints()) is None
+    assert "changed since" in stale_reason(points["noise-digits-identity-s0"])
+    assert stale_reason(points["create_db-digits"]) is None
     assert sweep(monkeypatch, config_path, "--dry_run") == 0
     assert "4 to run, 1 current" in capsys.readouterr().out
     # a config that now sets another image size makes the database stale
     resized = {p.name: p for p in expand(load_config(write_config(tmp_path, img_size=112)), Path("r"))}
-    assert "img_size=None" in stale_reason(resized["create_db-digits"], Fingerprints())
+    assert "img_size=None" in stale_reason(resized["create_db-digits"])
 
 
 def submitted(tmp_path: Path, script: Path) -> list[str]:
