@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from src.cvae import CVAEConfig, generate_offline, load_or_train_cvae
-from src.io import UserError, database_dir, file_fingerprint, load_database, package_versions, run_cli, save_database
+from src.io import (PAPER_BACKBONE, UserError, database_dir, file_fingerprint, load_database, package_versions, run_cli,
+                    save_database)
 from src.ksame import ksame
 from src.runtime import resolve_device, seed_everything
 
@@ -26,7 +27,7 @@ from src.runtime import resolve_device, seed_everything
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True)
-    parser.add_argument("--backbone", default="vit_base_patch14_dinov2.lvd142m")
+    parser.add_argument("--backbone", default=PAPER_BACKBONE)
     parser.add_argument("--anonymizer", required=True, choices=["ksame", "cvae"])
     parser.add_argument("--k", type=int, default=None, help="k-Same cluster size (at least 2)")
     parser.add_argument("--seed", type=int, default=42, help="CVAE training and sampling seed")

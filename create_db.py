@@ -13,10 +13,9 @@ from pathlib import Path
 from src.backbones import check_backbone_name, create_backbone
 from src.data import SPLITS, DatasetOptions, load_split
 from src.extract import extract_embeddings
-from src.io import UserError, database_dir, file_fingerprint, load_database, package_versions, run_cli, save_database
+from src.io import (PAPER_BACKBONE, UserError, database_dir, file_fingerprint, load_database, package_versions, run_cli,
+                    save_database)
 from src.runtime import resolve_device, seed_everything
-
-PAPER_BACKBONE = "vit_base_patch14_dinov2.lvd142m"
 
 
 def parse_args() -> argparse.Namespace:

@@ -17,20 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.io import (UserError, array_fingerprint, database_dir, dataset_dirname, file_fingerprint, load_database,
-                    package_versions, write_json)
+from src.io import (PAPER_BACKBONE, UserError, array_fingerprint, database_dir, dataset_dirname, file_fingerprint,
+                    load_database, package_versions, write_json)
 from src.metrics import accuracy, auroc, balanced_accuracy, privacy_metrics
 from src.probe import ProbeConfig, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
 from src.runtime import resolve_device, seed_everything
 
-DEFAULT_BACKBONE = "vit_base_patch14_dinov2.lvd142m"
 ANONYMIZERS = ("identity", "ksame", "cvae")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments every probing script takes (the reference's names and defaults)."""
     parser.add_argument("--dataset", required=True)
-    parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    parser.add_argument("--backbone", default=PAPER_BACKBONE)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output_root", type=Path, default=Path("assets/logs"))
     parser.add_argument("-l", "--lr", type=float, default=1e-3)

@@ -160,6 +160,10 @@ def dataset_dirname(dataset: str) -> str:
     return dataset.replace(":", "_").replace("/", "_")
 
 
+# The paper's backbone: every stage's default --backbone, and so the default database folder name.
+PAPER_BACKBONE = "vit_base_patch14_dinov2.lvd142m"
+
+
 def database_dir(database_root: Path, dataset: str, backbone: str) -> Path:
     """Folder of one dataset's embeddings for one backbone: <root>/<dataset>/<backbone>/."""
     return Path(database_root) / dataset_dirname(dataset) / backbone
