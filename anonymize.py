@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src.cvae import CVAEConfig, generate_offline, load_or_train_cvae
+from src.cvae import SAMPLING_VARIANCE, CVAEConfig, generate_offline, load_or_train_cvae
 from src.io import (PAPER_BACKBONE, UserError, database_dir, file_fingerprint, load_database, package_versions, run_cli,
                     save_database)
 from src.ksame import ksame
@@ -31,7 +31,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--anonymizer", required=True, choices=["ksame", "cvae"])
     parser.add_argument("--k", type=int, default=None, help="k-Same cluster size (at least 2)")
     parser.add_argument("--seed", type=int, default=42, help="CVAE training and sampling seed")
-    parser.add_argument("--variance", type=float, default=1.0,
+    parser.add_argument("--variance", type=float, default=SAMPLING_VARIANCE,
                         help="CVAE sampling scale: z = variance * N(0, I), as the reference (it scales the std)")
     parser.add_argument("--reference_objective", action="store_true",
                         help="train the CVAE with the reference's (incorrect) reparameterisation and KL")

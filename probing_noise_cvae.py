@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from src.cvae import CVAEConfig, OnlineSampler, load_or_train_cvae
+from src.cvae import ONLINE_FACTOR, SAMPLING_VARIANCE, CVAEConfig, OnlineSampler, load_or_train_cvae
 from src.evaluation import (add_common_arguments, add_sigma_argument, checked_sigmas, load_probe_data,
                             noisy_test_metrics, probe_config, released_privacy, result_record, write_noise_results)
 from src.io import UserError, array_fingerprint, database_dir, run_cli
@@ -26,9 +26,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
     add_sigma_argument(parser)
-    parser.add_argument("--variance", type=float, default=1.0,
+    parser.add_argument("--variance", type=float, default=SAMPLING_VARIANCE,
                         help="sampling scale: z = variance * N(0, I), as the reference (it scales the std)")
-    parser.add_argument("--online_factor", type=int, default=10, help="samples per epoch, as a multiple of N")
+    parser.add_argument("--online_factor", type=int, default=ONLINE_FACTOR, help="samples per epoch, as a multiple of N")
     parser.add_argument("--reference_objective", action="store_true",
                         help="CVAE trained with the reference's (incorrect) reparameterisation and KL")
     parser.add_argument("--cvae_max_epochs", type=int, default=CVAEConfig.max_epochs)

@@ -28,6 +28,10 @@ from src.runtime import seed_everything
 # sigmoid and the un-normalisation run over them: twice as fast on a CPU as one big call, and on a
 # GPU the 50 calls of a 50,000-vector epoch cost about a millisecond of launches.
 GENERATION_CHUNK = 1024
+# The reference's sampling scale (--variance, which multiplies the std of z) and online
+# samples per epoch as a multiple of N: the defaults of every script and of the sweep.
+SAMPLING_VARIANCE = 1.0
+ONLINE_FACTOR = 10
 
 
 @dataclass(frozen=True)
@@ -318,8 +322,8 @@ class OnlineSampler:
     data do not depend on which epochs were drawn before. Moves the bundle to `device`.
     """
 
-    def __init__(self, bundle: CVAEBundle, train_labels: np.ndarray, *, factor: int = 10,
-                 variance: float = 1.0, seed: int, device: torch.device):
+    def __init__(self, bundle: CVAEBundle, train_labels: np.ndarray, *, factor: int = ONLINE_FACTOR,
+                 variance: float = SAMPLING_VARIANCE, seed: int, device: torch.device):
         self.bundle = bundle.to(device)
         self.device = torch.device(device)
         self.num_samples = factor * len(train_labels)

@@ -38,8 +38,10 @@ from tqdm import tqdm
 
 from src.aggregate import aggregate
 from src.backbones import check_backbone_name
-from src.data import SPLITS, dataset_names
+from src.cvae import ONLINE_FACTOR, SAMPLING_VARIANCE
+from src.data import IMAGEFOLDER_PREFIX, SPLITS, dataset_names
 from src.io import UserError, database_dir, dataset_dirname, file_fingerprint, run_cli
+from src.probe import ProbeConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("create_db", "anonymize", "probe", "noise")
@@ -49,8 +51,7 @@ ANONYMIZER_KEYS = {"identity": set(), "ksame": {"k"}, "cvae": {"variance"}, "cva
 PROBE_FLAGS = {"lr": "-l", "epochs": "-e", "batch_size": "-b"}  # config key (= recorded setting) -> probe flag
 # What an omitted key means (the reference's values). Always passed and checked, so that
 # removing a key from the config makes outputs made with another value stale.
-PROBE_DEFAULTS = {"lr": 1e-3, "epochs": 100, "batch_size": 128}
-CVAE_VARIANCE, ONLINE_FACTOR = 1.0, 10
+PROBE_DEFAULTS = {"lr": ProbeConfig.lr, "epochs": ProbeConfig.max_epochs, "batch_size": ProbeConfig.batch_size}
 PATH_DEFAULTS = {"dataset_root": "assets/data", "database_root": "assets/database", "ckpt_root": "assets/ckpts",
                  "output_root": "assets/logs"}
 SLURM_KEYS = {"partition", "account", "time", "gres", "cpus_per_task", "mem"}
@@ -150,8 +151,9 @@ def load_config(path: Path) -> SweepConfig:
         raise fail("datasets is empty; name at least one dataset")
     for dataset in datasets:
         text(dataset, "datasets")
-        if dataset not in dataset_names() and not dataset.startswith("imagefolder:"):
-            raise fail(f"unknown dataset {dataset!r}; choose from {', '.join(dataset_names())} or imagefolder:<path>")
+        if dataset not in dataset_names() and not dataset.startswith(IMAGEFOLDER_PREFIX):
+            raise fail(f"unknown dataset {dataset!r}; choose from {', '.join(dataset_names())} "
+                       f"or {IMAGEFOLDER_PREFIX}<path>")
     if len(set(datasets)) != len(datasets):
         raise fail(f"datasets lists a name twice: {datasets}")
 
@@ -178,10 +180,10 @@ def load_config(path: Path) -> SweepConfig:
         if "k" not in options["ksame"]:
             raise fail("anonymizers.ksame needs k, e.g. {k: [2, 5, 10]}")
         ksame_k = [int(k) for k in number_list(options["ksame"]["k"], "anonymizers.ksame.k", integer=True, minimum=2)]
-    cvae_variance = float(number(options.get("cvae", {}).get("variance", CVAE_VARIANCE), "anonymizers.cvae.variance",
+    cvae_variance = float(number(options.get("cvae", {}).get("variance", SAMPLING_VARIANCE), "anonymizers.cvae.variance",
                                  positive=True))
     online = options.get("cvae-online", {})
-    online_variances = ([float(v) for v in number_list(online.get("variance", [CVAE_VARIANCE]),
+    online_variances = ([float(v) for v in number_list(online.get("variance", [SAMPLING_VARIANCE]),
                                                        "anonymizers.cvae-online.variance", positive=True)]
                         if "cvae-online" in options else [])
     online_factor = int(number(online.get("online_factor", ONLINE_FACTOR), "anonymizers.cvae-online.online_factor",

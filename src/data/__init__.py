@@ -49,4 +49,4 @@ def load_split(name: str, root: Path, split: str, options: DatasetOptions | None
     return DATASETS[name](Path(root), split, options)
 
 
-__all__ = ["DATASETS", "SPLITS", "DatasetOptions", "ImageSplit", "load_split", "dataset_names"]
+__all__ = ["DATASETS", "IMAGEFOLDER_PREFIX", "SPLITS", "DatasetOptions", "ImageSplit", "load_split", "dataset_names"]
