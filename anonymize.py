@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from src.cvae import SAMPLING_VARIANCE, CVAEConfig, generate_offline, load_or_train_cvae
-from src.io import (PAPER_BACKBONE, UserError, database_dir, file_fingerprint, load_database, package_versions, run_cli,
-                    save_database)
+from src.io import (DEFAULT_ROOTS, PAPER_BACKBONE, UserError, database_dir, file_fingerprint, load_database,
+                    package_versions, run_cli, save_database)
 from src.ksame import ksame
 from src.runtime import resolve_device, seed_everything
 
@@ -37,8 +37,8 @@ def parse_args() -> argparse.Namespace:
                         help="train the CVAE with the reference's (incorrect) reparameterisation and KL")
     parser.add_argument("--max_epochs", type=int, default=CVAEConfig.max_epochs, help="CVAE epoch limit")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--database_root", type=Path, default=Path("assets/database"))
-    parser.add_argument("--ckpt_root", type=Path, default=Path("assets/ckpts"))
+    parser.add_argument("--database_root", type=Path, default=DEFAULT_ROOTS["database_root"])
+    parser.add_argument("--ckpt_root", type=Path, default=DEFAULT_ROOTS["ckpt_root"])
     return parser.parse_args()
 
 

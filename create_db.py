@@ -13,8 +13,8 @@ from pathlib import Path
 from src.backbones import check_backbone_name, create_backbone
 from src.data import SPLITS, DatasetOptions, load_split
 from src.extract import extract_embeddings
-from src.io import (PAPER_BACKBONE, UserError, database_dir, file_fingerprint, load_database, package_versions, run_cli,
-                    save_database)
+from src.io import (DEFAULT_ROOTS, PAPER_BACKBONE, UserError, database_dir, file_fingerprint, load_database,
+                    package_versions, run_cli, save_database)
 from src.runtime import resolve_device, seed_everything
 
 
@@ -30,8 +30,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--dataset_root", type=Path, default=Path("assets/data"))
-    parser.add_argument("--database_root", type=Path, default=Path("assets/database"))
+    parser.add_argument("--dataset_root", type=Path, default=DEFAULT_ROOTS["dataset_root"])
+    parser.add_argument("--database_root", type=Path, default=DEFAULT_ROOTS["database_root"])
     parser.add_argument("--download", action="store_true", help="fetch missing data where the source allows")
     return parser.parse_args()
 

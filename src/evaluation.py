@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.io import (PAPER_BACKBONE, UserError, array_fingerprint, database_dir, dataset_dirname, file_fingerprint,
-                    load_database, package_versions, write_json)
+from src.io import (DEFAULT_ROOTS, PAPER_BACKBONE, UserError, array_fingerprint, database_dir, dataset_dirname,
+                    file_fingerprint, load_database, package_versions, write_json)
 from src.metrics import accuracy, auroc, balanced_accuracy, privacy_metrics
 from src.probe import ProbeConfig, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
 from src.runtime import resolve_device, seed_everything
@@ -31,13 +31,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--backbone", default=PAPER_BACKBONE)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--output_root", type=Path, default=Path("assets/logs"))
+    parser.add_argument("--output_root", type=Path, default=DEFAULT_ROOTS["output_root"])
     parser.add_argument("-l", "--lr", type=float, default=ProbeConfig.lr)
-    parser.add_argument("-e", "--epochs", type=int, default=ProbeConfig.max_epochs, help="maximum epochs (early stopping may end sooner)")
+    parser.add_argument("-e", "--epochs", type=int, default=ProbeConfig.max_epochs,
+                        help="maximum epochs (early stopping may end sooner)")
     parser.add_argument("-b", "--batch_size", type=int, default=ProbeConfig.batch_size)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--database_root", type=Path, default=Path("assets/database"))
-    parser.add_argument("--ckpt_root", type=Path, default=Path("assets/ckpts"))
+    parser.add_argument("--database_root", type=Path, default=DEFAULT_ROOTS["database_root"])
+    parser.add_argument("--ckpt_root", type=Path, default=DEFAULT_ROOTS["ckpt_root"])
 
 
 def add_anonymizer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +77,7 @@ def released_database(args: argparse.Namespace) -> tuple[Path, str]:
     """The released train set's file and the command that makes it."""
     folder = database_dir(args.database_root, args.dataset, args.backbone)
     command = f"--dataset {args.dataset} --backbone {args.backbone}"
-    if args.database_root != Path("assets/database"):
+    if args.database_root != DEFAULT_ROOTS["database_root"]:
         command += f" --database_root {args.database_root}"
     if args.anonymizer == "identity":
         return folder / "train.npz", f"python create_db.py {command}"

@@ -162,6 +162,9 @@ def dataset_dirname(dataset: str) -> str:
 
 # The paper's backbone: every stage's default --backbone, and so the default database folder name.
 PAPER_BACKBONE = "vit_base_patch14_dinov2.lvd142m"
+# Where the stages read and write by default (each has a --<name> flag), relative to the repo root.
+DEFAULT_ROOTS = {"dataset_root": Path("assets/data"), "database_root": Path("assets/database"),
+                 "ckpt_root": Path("assets/ckpts"), "output_root": Path("assets/logs")}
 
 
 def database_dir(database_root: Path, dataset: str, backbone: str) -> Path:

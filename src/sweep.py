@@ -40,7 +40,7 @@ from src.aggregate import aggregate
 from src.backbones import check_backbone_name
 from src.cvae import ONLINE_FACTOR, SAMPLING_VARIANCE
 from src.data import IMAGEFOLDER_PREFIX, SPLITS, dataset_names
-from src.io import UserError, database_dir, dataset_dirname, file_fingerprint, run_cli
+from src.io import DEFAULT_ROOTS, UserError, database_dir, dataset_dirname, file_fingerprint, run_cli
 from src.probe import ProbeConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +52,7 @@ PROBE_FLAGS = {"lr": "-l", "epochs": "-e", "batch_size": "-b"}  # config key (= 
 # What an omitted key means (the reference's values). Always passed and checked, so that
 # removing a key from the config makes outputs made with another value stale.
 PROBE_DEFAULTS = {"lr": ProbeConfig.lr, "epochs": ProbeConfig.max_epochs, "batch_size": ProbeConfig.batch_size}
-PATH_DEFAULTS = {"dataset_root": "assets/data", "database_root": "assets/database", "ckpt_root": "assets/ckpts",
-                 "output_root": "assets/logs"}
+PATH_DEFAULTS = {key: str(root) for key, root in DEFAULT_ROOTS.items()}
 SLURM_KEYS = {"partition", "account", "time", "gres", "cpus_per_task", "mem"}
 
 
