@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from src.cvae import SAMPLING_VARIANCE, CVAEConfig, generate_offline, load_or_train_cvae
-from src.io import (DEFAULT_ROOTS, PAPER_BACKBONE, UserError, database_dir, file_fingerprint, load_database,
-                    package_versions, run_cli, save_database)
+from src.cli import UserError, run_cli
+from src.defaults import DEFAULT_ROOTS, PAPER_BACKBONE
+from src.io import database_dir, file_fingerprint, load_database, package_versions, save_database
 from src.ksame import ksame
 from src.runtime import resolve_device, seed_everything
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from src.backbones import check_backbone_name, create_backbone
 from src.data import SPLITS, DatasetOptions, load_split
 from src.extract import extract_embeddings
-from src.io import (DEFAULT_ROOTS, PAPER_BACKBONE, UserError, database_dir, file_fingerprint, load_database,
-                    package_versions, run_cli, save_database)
+from src.cli import UserError, run_cli
+from src.defaults import DEFAULT_ROOTS, PAPER_BACKBONE
+from src.io import database_dir, file_fingerprint, load_database, package_versions, save_database
 from src.runtime import resolve_device, seed_everything
 
 

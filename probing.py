@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 
 from src.evaluation import add_anonymizer_arguments, add_common_arguments, result_path, run_probing
-from src.io import run_cli, write_json
+from src.cli import run_cli
+from src.io import write_json
 
 
 def main() -> None:

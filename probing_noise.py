@@ -9,7 +9,7 @@ import argparse
 
 from src.evaluation import (add_anonymizer_arguments, add_common_arguments, add_sigma_argument, checked_sigmas,
                             run_probing, write_noise_results)
-from src.io import run_cli
+from src.cli import run_cli
 
 
 def main() -> None:

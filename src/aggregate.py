@@ -22,7 +22,8 @@ from typing import Iterable
 
 import numpy as np
 
-from src.io import UserError, atomic_path, run_cli
+from src.cli import UserError, run_cli
+from src.io import atomic_path
 
 NUMBER = r"\d+(?:\.\d*)?(?:e[+-]?\d+)?"  # a non-negative float as the scripts' f"{value:g}" writes it
 RESULT_NAME = re.compile(

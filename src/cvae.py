@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from src.io import UserError, array_fingerprint, atomic_path, settings_key
+from src.cli import UserError
+from src.io import array_fingerprint, atomic_path, settings_key
 from src.runtime import seed_everything
 
 # Rows per decoder call. A chunk's activations (1024 x 768 floats, 3 MB) stay in cache while the

@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.io import (DEFAULT_ROOTS, PAPER_BACKBONE, UserError, array_fingerprint, database_dir, dataset_dirname,
-                    file_fingerprint, load_database, package_versions, write_json)
+from src.cli import UserError
+from src.defaults import DEFAULT_ROOTS, PAPER_BACKBONE
+from src.io import (array_fingerprint, database_dir, dataset_dirname, file_fingerprint, load_database,
+                    package_versions, write_json)
 from src.metrics import accuracy, auroc, balanced_accuracy, privacy_metrics
 from src.probe import ProbeConfig, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
 from src.runtime import resolve_device, seed_everything

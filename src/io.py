@@ -1,4 +1,4 @@
-"""Embedding databases, result files and the user-facing error convention.
+"""Embedding databases, result files, fingerprints and atomic writes.
 
 Stages talk only through `.npz` files with the keys `embeddings` (float32, N x D)
 and `labels` (int64, N), as the paper's code reads them. We add a `meta` key (a
@@ -18,22 +18,11 @@ import zipfile
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
-
-class UserError(Exception):
-    """Bad input the user can fix: reported as one line on stderr, exit status 2."""
-
-
-def run_cli(main: Callable[[], object]) -> None:
-    """Run a script's main(), turning UserError into a one-line message and exit status 2."""
-    try:
-        main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+from src.cli import UserError
 
 
 def package_versions() -> dict[str, str]:
@@ -158,13 +147,6 @@ def write_json(path: Path, payload: dict) -> None:
 def dataset_dirname(dataset: str) -> str:
     """A dataset name as one folder or file name part (imagefolder:<path> holds ':' and '/')."""
     return dataset.replace(":", "_").replace("/", "_")
-
-
-# The paper's backbone: every stage's default --backbone, and so the default database folder name.
-PAPER_BACKBONE = "vit_base_patch14_dinov2.lvd142m"
-# Where the stages read and write by default (each has a --<name> flag), relative to the repo root.
-DEFAULT_ROOTS = {"dataset_root": Path("assets/data"), "database_root": Path("assets/database"),
-                 "ckpt_root": Path("assets/ckpts"), "output_root": Path("assets/logs")}
 
 
 def database_dir(database_root: Path, dataset: str, backbone: str) -> Path:

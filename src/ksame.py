@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from src.io import UserError
+from src.cli import UserError
 from src.runtime import one_cpu_thread
 
 SUM_MARGIN = 1e-10  # relative; float64 sums of N distances err by ~1e-13, far below this

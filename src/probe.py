@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from src.io import UserError, atomic_path, settings_key
+from src.cli import UserError
+from src.io import atomic_path, settings_key
 from src.runtime import one_cpu_thread
 
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -8,7 +8,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from src.io import UserError
+from src.cli import UserError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -40,7 +40,9 @@ from src.aggregate import aggregate
 from src.backbones import check_backbone_name
 from src.cvae import ONLINE_FACTOR, SAMPLING_VARIANCE
 from src.data import IMAGEFOLDER_PREFIX, SPLITS, dataset_names
-from src.io import DEFAULT_ROOTS, UserError, database_dir, dataset_dirname, file_fingerprint, run_cli
+from src.cli import UserError, run_cli
+from src.defaults import DEFAULT_ROOTS
+from src.io import database_dir, dataset_dirname, file_fingerprint
 from src.probe import ProbeConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

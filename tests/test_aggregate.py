@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from src.aggregate import aggregate, find_results, load_results, main, summarise
-from src.io import UserError, run_cli
+from src.cli import UserError, run_cli
 
 
 def write_result(folder: Path, name: str, auc: float, **metrics: float) -> Path:

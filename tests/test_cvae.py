@@ -10,7 +10,7 @@ from torch.distributions import Normal, kl_divergence as torch_kl
 
 from src.cvae import (CVAEConfig, OnlineSampler, checkpoint_path, class_counts, evaluate_loss, generate_offline,
                       kl_divergence, load_or_train_cvae, reparameterize, train_cvae)
-from src.io import UserError
+from src.cli import UserError
 
 CPU = torch.device("cpu")
 NUM_CLASSES = 3

@@ -16,7 +16,7 @@ from torchvision import datasets
 
 from src.data import DATASETS, DatasetOptions, load_split
 from src.data.octdl import OCTDL_CLASSES, build_octdl_tree
-from src.io import UserError
+from src.cli import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT_SIZES = {"train": 6, "val": 3, "test": 4}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.io import UserError
+from src.cli import UserError
 from src.ksame import ksame, ksame_clusters
 
 CPU = torch.device("cpu")

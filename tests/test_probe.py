@@ -10,7 +10,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from src.evaluation import load_probe_data, noisy_test_metrics
-from src.io import UserError, save_database
+from src.cli import UserError
+from src.io import save_database
 from src.metrics import auroc
 from src.probe import (ProbeConfig, cross_entropy_gradients, predict_proba, probe_checkpoint_path, train_probe, zscore,
                        zscore_stats)

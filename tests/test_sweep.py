@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from src.data import SPLITS, load_split
-from src.io import database_dir, file_fingerprint, load_database, run_cli, save_database, write_json
+from src.cli import run_cli
+from src.io import database_dir, file_fingerprint, load_database, save_database, write_json
 from src.sweep import REPO_ROOT, expand, load_config, main, stale_reason
 
 BACKBONE = "vit_small_patch14_dinov2"

@@ -16,7 +16,7 @@ from src.data.medmnist import MEDMNIST_FLAGS, medmnist_loader
 from src.data.octdl import load_octdl_split
 from src.data.torchvision_sets import (load_aircraft_split, load_dtd_split, load_oxford_pets_split,
                                        load_stl10_split)
-from src.io import UserError
+from src.cli import UserError
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
 

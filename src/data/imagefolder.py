@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from src.data.base import SPLITS, DatasetOptions, ImageSplit
-from src.io import UserError
+from src.cli import UserError
 
 
 class ImageFiles(Dataset):

@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 from src.data.base import DatasetOptions, ImageSplit, Loader
-from src.io import UserError
+from src.cli import UserError
 
 try:
     import h5py

@@ -18,7 +18,7 @@ import numpy as np
 from medmnist import INFO
 
 from src.data.base import DatasetOptions, ImageSplit, Loader
-from src.io import UserError
+from src.cli import UserError
 
 MEDMNIST_FLAGS = [flag for flag, info in INFO.items()
                   if issubclass(getattr(medmnist, info["python_class"]), medmnist.dataset.MedMNIST2D)]

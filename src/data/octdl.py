@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from src.data.base import SPLITS, DatasetOptions, ImageSplit
 from src.data.imagefolder import ImageFiles, scan_class_tree
-from src.io import UserError, current_umask
+from src.cli import UserError
+from src.io import current_umask
 
 # fixed order, so label ids never depend on which class folders a split happens to hold
 OCTDL_CLASSES = ["AMD", "DME", "ERM", "NO", "RAO", "RVO", "VID"]

@@ -26,7 +26,7 @@ from torchvision import datasets
 
 from src.data.base import DatasetOptions, ImageSplit
 from src.data.imagefolder import ImageFiles
-from src.io import UserError
+from src.cli import UserError
 
 VAL_FRACTION = 0.1
 VAL_SEED = 12345

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root, for `src`
 
 from src.data.octdl import build_octdl_tree  # noqa: E402
-from src.io import run_cli  # noqa: E402
+from src.cli import run_cli  # noqa: E402
 
 
 def main() -> None:
