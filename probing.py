@@ -6,22 +6,37 @@ accuracy, balanced accuracy and the released set's privacy metrics.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from src.evaluation import add_anonymizer_arguments, add_common_arguments, result_path, run_probing
+from src.anonymizers import add_anonymizer_options, anonymizer_settings, get_anonymizer
 from src.cli import run_cli
-from src.io import write_json
+from src.naming import released_flag, result_paths
+from src.options import add_options, from_args
+from src.settings import ProbeSettings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_options(parser, ProbeSettings, skip=("sigma", "noise_units"))
+    add_anonymizer_options(parser, making=False)
+    return parser
+
+
+def parse_settings(argv: list[str] | None = None) -> ProbeSettings:
+    args = build_parser().parse_args(argv)
+    return from_args(ProbeSettings, args, sigma=(0.0,), noise_units=("released",),
+                     **anonymizer_settings(get_anonymizer(args.anonymizer), args, making=False))
+
+
+def outputs(settings: ProbeSettings) -> list[Path]:
+    return list(result_paths(settings, released_flag(settings), plain=True).values())
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_common_arguments(parser)
-    add_anonymizer_arguments(parser)
-    args = parser.parse_args()
-    flag, results = run_probing(args, sigmas=[0.0])
-    result, path = results[0.0], result_path(args, flag)
-    write_json(path, result)
-    print(f"{args.dataset} {flag} seed {args.seed}: AUC {result['auc']:.2f}, accuracy {result['accuracy']:.2f}, "
-          f"mindistance {result['average_mindistance']:.3f}, MIA AUC {result['mia_auc']:.2f} -> {path}")
+    settings = parse_settings()
+    from src.evaluation import probe_release, write_results  # torch: loaded after the flags are checked
+
+    write_results(settings, probe_release(settings, plain=True))
 
 
 if __name__ == "__main__":

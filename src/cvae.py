@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from src.cli import UserError
+from src.defaults import ONLINE_FACTOR, SAMPLING_VARIANCE
 from src.io import array_fingerprint, atomic_path, settings_key
 from src.runtime import seed_everything
 
@@ -29,10 +30,6 @@ from src.runtime import seed_everything
 # sigmoid and the un-normalisation run over them: twice as fast on a CPU as one big call, and on a
 # GPU the 50 calls of a 50,000-vector epoch cost about a millisecond of launches.
 GENERATION_CHUNK = 1024
-# The reference's sampling scale (--variance, which multiplies the std of z) and online
-# samples per epoch as a multiple of N: the defaults of every script and of the sweep.
-SAMPLING_VARIANCE = 1.0
-ONLINE_FACTOR = 10
 
 
 @dataclass(frozen=True)

@@ -1,109 +1,35 @@
-"""The probing experiment shared by probing.py, probing_noise.py and probing_noise_cvae.py.
+"""The probing experiment of probing.py, probing_noise.py and probing_noise_cvae.py.
 
-Load the real train/val/test databases and the released (identity or anonymized)
-train set, check they fit together, train a linear probe on the released set
-(z-scored with its own statistics, as the reference does), evaluate it on the real
-test set with Gaussian noise of each sigma added to the z-scored test embeddings,
-and measure how close the released set sits to the real records. Privacy is always
-measured in the real train z-score space, so every anonymizer is judged on one scale.
+Load the real train/val/test databases, take a training set (a released file, or fresh
+generator samples every epoch), train a linear probe on it, evaluate it on the real test
+set with Gaussian noise of each sigma, and measure how close the released set sits to the
+real records. The probe z-scores its inputs with the training set's statistics (the
+reference's offline scripts) or the real train's (its online script). Test noise is in the
+units the settings name: the probe's own z-units ("released", the reference's offline
+behaviour) or the real train set's ("real": N(0, sigma^2 s_j^2) added to raw test
+vectors, s_j the real train std of feature j), so that every released set meets the same
+noise. Privacy is always measured in the real train z-score space.
 """
 from __future__ import annotations
 
-import argparse
-import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from src.anonymizers import get_anonymizer
+from src.anonymizers.base import ReleaseInputs
 from src.cli import UserError
-from src.defaults import DEFAULT_ROOTS, PAPER_BACKBONE
-from src.io import (array_fingerprint, database_dir, dataset_dirname, file_fingerprint, load_database,
-                    package_versions, write_json)
+from src.io import (array_fingerprint, database_dir, database_paths, file_fingerprint, load_database, provenance,
+                    write_json)
 from src.metrics import accuracy, auroc, balanced_accuracy, privacy_metrics
-from src.probe import ProbeConfig, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
+from src.naming import release_hint, release_path, result_paths
+from src.options import settings_record
+from src.probe import ProbeConfig, TrainSource, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
 from src.runtime import resolve_device, seed_everything
-
-ANONYMIZERS = ("identity", "ksame", "cvae")
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments every probing script takes (the reference's names and defaults)."""
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--backbone", default=PAPER_BACKBONE)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--output_root", type=Path, default=DEFAULT_ROOTS["output_root"])
-    parser.add_argument("-l", "--lr", type=float, default=ProbeConfig.lr)
-    parser.add_argument("-e", "--epochs", type=int, default=ProbeConfig.max_epochs,
-                        help="maximum epochs (early stopping may end sooner)")
-    parser.add_argument("-b", "--batch_size", type=int, default=ProbeConfig.batch_size)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--database_root", type=Path, default=DEFAULT_ROOTS["database_root"])
-    parser.add_argument("--ckpt_root", type=Path, default=DEFAULT_ROOTS["ckpt_root"])
-
-
-def add_anonymizer_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--anonymizer", choices=ANONYMIZERS, default="identity")
-    parser.add_argument("--k", type=int, help="cluster size, required with --anonymizer ksame")
-
-
-def add_sigma_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sigma", type=float, nargs="+", required=True,
-                        help="std of the Gaussian noise added to the z-scored test embeddings; one or several")
-
-
-def checked_sigmas(sigmas: list[float]) -> list[float]:
-    for sigma in sigmas:
-        if not (math.isfinite(sigma) and sigma >= 0):
-            raise UserError(f"--sigma {sigma:g}: noise levels must be finite and non-negative")
-    return sigmas
-
-
-def probe_config(args: argparse.Namespace) -> ProbeConfig:
-    if args.lr <= 0 or args.epochs < 1 or args.batch_size < 1:
-        raise UserError("-l/--lr must be positive and -e/--epochs and -b/--batch_size at least 1")
-    return ProbeConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs)
-
-
-def anonymizer_flag(args: argparse.Namespace) -> str:
-    """Name of the released set in result files: identity, ksame-<k> or cvae."""
-    if args.anonymizer == "ksame":
-        if args.k is None or args.k < 2:
-            raise UserError("--anonymizer ksame needs --k, a cluster size of at least 2")
-        return f"ksame-{args.k}"
-    return args.anonymizer
-
-
-def released_database(args: argparse.Namespace) -> tuple[Path, str]:
-    """The released train set's file and the command that makes it."""
-    folder = database_dir(args.database_root, args.dataset, args.backbone)
-    command = f"--dataset {args.dataset} --backbone {args.backbone}"
-    if args.database_root != DEFAULT_ROOTS["database_root"]:
-        command += f" --database_root {args.database_root}"
-    if args.anonymizer == "identity":
-        return folder / "train.npz", f"python create_db.py {command}"
-    if args.anonymizer == "ksame":
-        return folder / f"train_ksame-{args.k}.npz", f"python anonymize.py {command} --anonymizer ksame --k {args.k}"
-    return (folder / f"train_cvae-s{args.seed}.npz",
-            f"python anonymize.py {command} --anonymizer cvae --seed {args.seed}")
-
-
-def result_path(args: argparse.Namespace, flag: str, sigma: float | None = None) -> Path:
-    """<output_root>/<dataset>/<dataset>_<flag>-s<seed>[_sigma-<sigma>].json, the dataset spelt as in folder names."""
-    name = dataset_dirname(args.dataset)
-    suffix = f"_sigma-{sigma:g}" if sigma is not None else ""
-    return Path(args.output_root) / name / f"{name}_{flag}-s{args.seed}{suffix}.json"
-
-
-def write_noise_results(args: argparse.Namespace, flag: str, results: dict[float, dict]) -> None:
-    """One result file per sigma, named as the reference does, with a one-line summary each."""
-    for sigma, result in results.items():
-        path = result_path(args, flag, sigma)
-        write_json(path, result)
-        print(f"{args.dataset} {flag} seed {args.seed} sigma {sigma:g}: AUC {result['auc']:.2f}, "
-              f"accuracy {result['accuracy']:.2f} -> {path}")
-
+from src.settings import ProbeSettings
 
 @dataclass
 class ProbeData:
@@ -124,9 +50,8 @@ class ProbeData:
 def load_probe_data(database_root: Path, dataset: str, backbone: str,
                     released_path: Path | None = None, released_hint: str = "") -> ProbeData:
     """Load and cross-check the databases; `released_path` None means the real train set is released."""
-    folder = database_dir(database_root, dataset, backbone)
+    paths = database_paths(database_root, dataset, backbone)
     make_db = f"python create_db.py --dataset {dataset} --backbone {backbone}"
-    paths = {split: folder / f"{split}.npz" for split in ("train", "val", "test")}
     splits = {split: load_database(path, make_db)[:2] for split, path in paths.items()}
     if released_path is None or Path(released_path) == paths["train"]:
         released_path = paths["train"]
@@ -155,6 +80,36 @@ def load_probe_data(database_root: Path, dataset: str, backbone: str,
                              for path in dict.fromkeys([*paths.values(), released_path])})
 
 
+@dataclass
+class TrainingSet:
+    """What a probe trains on, and how its inputs are scaled.
+
+    `source` gives raw vectors: fixed arrays, or `epoch -> (x, y)` drawing fresh samples.
+    `released_x/y` is the set whose privacy is measured (N vectors for a generator).
+    `key` identifies the source for the probe's checkpoint name.
+    """
+
+    flag: str
+    source: tuple[np.ndarray, np.ndarray] | Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    released_x: np.ndarray
+    released_y: np.ndarray
+    mean: np.ndarray  # the probe's input scaling
+    std: np.ndarray
+    key: dict
+    details: dict  # added to every result record (e.g. samples per epoch, privacy of a whole epoch)
+
+
+def released_training_set(settings: ProbeSettings, data: ProbeData) -> TrainingSet:
+    """A released file, z-scored with its own statistics as the reference does."""
+    anonymizer = get_anonymizer(settings.anonymizer)
+    mean, std = zscore_stats(data.released_x)
+    return TrainingSet(anonymizer.flag(settings.release), (data.released_x, data.released_y), data.released_x,
+                       data.released_y, mean, std,
+                       {"train": array_fingerprint(data.released_x, data.released_y),
+                        "val": array_fingerprint(data.val_x, data.val_y)},
+                       {"n_released": len(data.released_x)})
+
+
 def utility_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     predictions = probs.argmax(axis=1)
     return {"auc": auroc(labels, probs), "accuracy": accuracy(labels, predictions),
@@ -162,12 +117,15 @@ def utility_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 
 
 def noisy_test_metrics(model: torch.nn.Linear, test_x: torch.Tensor, test_y: np.ndarray, sigmas: list[float],
-                       seed: int) -> dict[float, dict[str, float]]:
-    """Utility on z-scored test embeddings plus N(0, sigma^2) noise, for each sigma.
+                       seed: int, noise_scale: torch.Tensor | None = None) -> dict[float, dict[str, float]]:
+    """Utility on z-scored test embeddings plus N(0, sigma^2 noise_scale_j^2) noise, for each sigma.
 
-    Every sigma scales the same seeded noise draw, so the noise differs across sigmas only in scale.
+    `noise_scale` (per feature, default 1) turns the probe's z-units into other units. Every
+    sigma scales the same seeded noise draw, so the noise differs across sigmas only in scale.
     """
     noise = torch.randn(test_x.shape, generator=torch.Generator().manual_seed(seed)).to(test_x.device)
+    if noise_scale is not None:
+        noise *= noise_scale
     return {sigma: utility_metrics(test_y, predict_proba(model, test_x + sigma * noise if sigma > 0 else test_x))
             for sigma in sigmas}
 
@@ -180,42 +138,99 @@ def released_privacy(released_x: np.ndarray, train_x: np.ndarray, test_x: np.nda
     return privacy_metrics(released, train, test)
 
 
-def result_record(utility: dict, privacy: dict, sigma: float, args: argparse.Namespace, data: ProbeData,
-                  history: dict, device: torch.device) -> dict:
-    """One result file's content: metrics at top level, then how they were made."""
-    return {
-        **utility, **privacy, "sigma": sigma,
-        "num_classes": data.num_classes,
-        "n_released": len(data.released_x),
-        "probe": {"best_epoch": history["best_epoch"], "epochs_run": len(history["val_loss"]),
-                  "best_val_loss": min(history["val_loss"])},
-        "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-        "device": str(device),  # what --device auto resolved to: float results differ slightly between devices
-        "inputs": data.inputs,
-        "versions": package_versions(),
-    }
+def noise_scale(unit_std: np.ndarray, probe_std: np.ndarray, device: torch.device) -> torch.Tensor | None:
+    """Per-feature factor from the probe's z-units to noise units (None: they are the same units)."""
+    ratio = unit_std / probe_std
+    return None if np.array_equal(ratio, np.ones_like(ratio)) else torch.from_numpy(ratio).to(device)
 
 
-def run_probing(args: argparse.Namespace, sigmas: list[float]) -> tuple[str, dict[float, dict]]:
-    """The whole experiment for probing.py / probing_noise.py: (flag, {sigma: result record})."""
-    flag = anonymizer_flag(args)
-    config = probe_config(args)
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
-    released_path, hint = released_database(args)
-    data = load_probe_data(args.database_root, args.dataset, args.backbone, released_path, hint)
+def load_released(settings: ProbeSettings) -> ProbeData:
+    """The real databases and the release the settings name."""
+    anonymizer = get_anonymizer(settings.anonymizer)
+    return load_probe_data(settings.database_root, settings.dataset, settings.backbone,
+                           release_path(settings, anonymizer, settings.release),
+                           release_hint(settings, anonymizer, settings.release))
 
-    mean, std = zscore_stats(data.released_x)
-    train_x, val_x, test_x = (torch.from_numpy(zscore(x, mean, std)).to(device)
-                              for x in (data.released_x, data.val_x, data.test_x))
-    train_y, val_y = torch.from_numpy(data.released_y).to(device), torch.from_numpy(data.val_y).to(device)
-    checkpoint = probe_checkpoint_path(
-        database_dir(args.ckpt_root, args.dataset, args.backbone) / "probe", config, args.seed, data.num_classes,
-        {"train": array_fingerprint(data.released_x, data.released_y), "val": array_fingerprint(data.val_x, data.val_y)})
-    model, history = train_probe((train_x, train_y), val_x, val_y, data.num_classes, config, device, args.seed,
-                                 checkpoint)
 
-    utility = noisy_test_metrics(model, test_x, data.test_y, sigmas, args.seed)
-    privacy = released_privacy(data.released_x, data.train_x, data.test_x, device)
-    return flag, {sigma: result_record(utility[sigma], privacy, sigma, args, data, history, device)
-                  for sigma in sigmas}
+def run_probing(settings: ProbeSettings, data: ProbeData, training: TrainingSet, device: torch.device,
+                plain: bool = False) -> dict[Path, dict]:
+    """Train the probe on `training`, evaluate it at every sigma and units, measure privacy: {path: record}."""
+    config = ProbeConfig(lr=settings.lr, batch_size=settings.batch_size, max_epochs=settings.epochs)
+    paths = result_paths(settings, training.flag, plain)
+    scaled = (torch.from_numpy(zscore(x, training.mean, training.std)).to(device) for x in (data.val_x, data.test_x))
+    val_x, test_x = scaled
+    source: TrainSource
+    if callable(training.source):
+        mean_t, std_t = (torch.from_numpy(a).to(device) for a in (training.mean, training.std))
+        draw = training.source
+
+        def source(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = draw(epoch)
+            return x.sub_(mean_t).div_(std_t), y  # in place: an epoch's samples are fresh, and many
+    else:
+        x, y = training.source
+        source = (torch.from_numpy(zscore(x, training.mean, training.std)).to(device), torch.from_numpy(y).to(device))
+    checkpoint = probe_checkpoint_path(database_dir(settings.ckpt_root, settings.dataset, settings.backbone) / "probe",
+                                       config, settings.seed, data.num_classes, training.key)
+    model, history = train_probe(source, val_x, torch.from_numpy(data.val_y).to(device), data.num_classes, config,
+                                 device, settings.seed, checkpoint)
+
+    scales = {units: noise_scale(unit_std, training.std, device) for units, unit_std in
+              (("released", zscore_stats(training.released_x)[1]), ("real", zscore_stats(data.train_x)[1]))}
+    utility = {units: noisy_test_metrics(model, test_x, data.test_y, sorted({s for s, u in paths if u == units}),
+                                         settings.seed, scales[units])
+               for units in dict.fromkeys(units for _, units in paths)}
+    privacy = released_privacy(training.released_x, data.train_x, data.test_x, device)
+    common = {**privacy, **training.details, "num_classes": data.num_classes,
+              "probe": {"best_epoch": history["best_epoch"], "epochs_run": len(history["val_loss"]),
+                        "best_val_loss": min(history["val_loss"])},
+              "settings": settings_record(settings),
+              "device": str(device),  # what --device auto resolved to: float results differ slightly between devices
+              "inputs": data.inputs, **provenance()}
+    return {path: {**utility[units][sigma], "sigma": sigma, "noise_units": units, **common}
+            for (sigma, units), path in paths.items()}
+
+
+def probe_release(settings: ProbeSettings, plain: bool = False) -> dict[Path, dict]:
+    """probing.py / probing_noise.py: the probe on a released file."""
+    device = resolve_device(settings.device)
+    seed_everything(settings.seed)
+    data = load_released(settings)
+    return run_probing(settings, data, released_training_set(settings, data), device, plain)
+
+
+def online_training_set(settings: ProbeSettings, data: ProbeData, device: torch.device) -> TrainingSet:
+    """Fresh generator samples every epoch, z-scored with the real train statistics as the
+    reference's online script does. Privacy is measured on the first N samples of epoch 0 (as
+    many as an offline release holds), and on the whole epoch under keys ending in `_epoch`."""
+    anonymizer = get_anonymizer(settings.anonymizer)
+    inputs = ReleaseInputs(data.train_x, data.train_y, data.val_x, data.val_y, data.num_classes,
+                           database_dir(settings.ckpt_root, settings.dataset, settings.backbone))
+    draw, key = anonymizer.sampler(inputs, settings.release, settings.making, settings.online, settings.seed, device)
+    epoch_x, epoch_y = (tensor.cpu().numpy() for tensor in draw(0))
+    count = len(data.train_y)
+    whole_epoch = released_privacy(epoch_x, data.train_x, data.test_x, device)
+    mean, std = zscore_stats(data.train_x)
+    return TrainingSet(anonymizer.flag(settings.release, online=True), draw, epoch_x[:count].copy(),
+                       epoch_y[:count].copy(), mean, std,
+                       {**key, "zscore": "real train", "val": array_fingerprint(data.val_x, data.val_y)},
+                       {"n_released": len(epoch_x), "n_privacy": count,
+                        **{f"{name}_epoch": value for name, value in whole_epoch.items()}})
+
+
+def probe_online(settings: ProbeSettings) -> dict[Path, dict]:
+    """probing_noise_cvae.py: the probe on fresh generator samples every epoch."""
+    device = resolve_device(settings.device)
+    seed_everything(settings.seed)
+    data = load_probe_data(settings.database_root, settings.dataset, settings.backbone)
+    return run_probing(settings, data, online_training_set(settings, data, device), device)
+
+
+def write_results(settings: ProbeSettings, results: dict[Path, dict]) -> None:
+    """Write each result file, with a one-line summary each."""
+    for path, result in results.items():
+        write_json(path, result)
+        noise = f" sigma {result['sigma']:g} ({result['noise_units']} units)" if result["sigma"] > 0 else ""
+        print(f"{settings.dataset} seed {settings.seed}{noise}: AUC {result['auc']:.2f}, accuracy "
+              f"{result['accuracy']:.2f}, mindistance {result['average_mindistance']:.3f}, "
+              f"MIA AUC {result['mia_auc']:.2f} -> {path}")

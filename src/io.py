@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import zipfile
@@ -34,6 +35,37 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STAGE_SCRIPTS = ("create_db.py", "anonymize.py", "probing.py", "probing_noise.py", "probing_noise_cvae.py")
+
+
+@functools.cache  # one answer per process: the code does not change under a running stage
+def code_version() -> str:
+    """The code that made an output: `git:<commit>[-dirty]`, or `src:<hash>` of src/ and the stage
+    scripts where there is no git checkout (an unpacked archive, a copied tree)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode == 0:
+            status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT,
+                                    capture_output=True, text=True, timeout=10)
+            dirty = "-dirty" if status.returncode != 0 or status.stdout.strip() else ""
+            return f"git:{commit.stdout.strip()[:12]}{dirty}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    digest = hashlib.sha256()
+    for path in sorted([*REPO_ROOT.glob("src/**/*.py"), *(REPO_ROOT / name for name in STAGE_SCRIPTS)]):
+        if path.is_file():
+            digest.update(str(path.relative_to(REPO_ROOT)).encode())
+            digest.update(path.read_bytes())
+    return f"src:{digest.hexdigest()[:16]}"
+
+
+def provenance() -> dict[str, object]:
+    """What every output records about the software that made it."""
+    return {"versions": package_versions(), "code_version": code_version()}
 
 
 def file_fingerprint(path: Path) -> str:
@@ -152,3 +184,12 @@ def dataset_dirname(dataset: str) -> str:
 def database_dir(database_root: Path, dataset: str, backbone: str) -> Path:
     """Folder of one dataset's embeddings for one backbone: <root>/<dataset>/<backbone>/."""
     return Path(database_root) / dataset_dirname(dataset) / backbone
+
+
+SPLITS = ("train", "val", "test")  # the databases of one dataset and backbone, as create_db.py writes them
+
+
+def database_paths(database_root: Path, dataset: str, backbone: str) -> dict[str, Path]:
+    """The real train / val / test databases: <root>/<dataset>/<backbone>/<split>.npz."""
+    folder = database_dir(database_root, dataset, backbone)
+    return {split: folder / f"{split}.npz" for split in SPLITS}

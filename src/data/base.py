@@ -8,7 +8,8 @@ from typing import Callable
 import numpy as np
 from torch.utils.data import Dataset
 
-SPLITS = ("train", "val", "test")
+from src.io import SPLITS  # noqa: F401 (re-exported: the loaders' split names)
+
 
 
 @dataclass

@@ -1,0 +1,156 @@
+"""Settings fields that are also command-line flags: each is declared once, with its check.
+
+A settings class is a frozen dataclass whose fields are made with `option(...)`. The
+field's name is its flag (`--name`, or the `flags` given), its default the flag's
+default, and the class's `__post_init__` checks the values. Scripts add the flags with
+`add_options` and build the settings with `from_args`; result files record
+`settings_record(settings)`; the sweep builds the same record from a point's argv.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+from src.cli import UserError
+
+SEED_LIMIT = 2 ** 32  # numpy and torch seeds must fit in 32 bits
+
+
+def option(default: Any, help: str, *, flags: tuple[str, ...] = (), kind: type | None = None, nargs: str | None = None,
+           choices: Iterable[str] | None = None, required: bool = False, changes_results: bool = True,
+           picks_release: bool = False, minimum: float | None = None, above: float | None = None,
+           below: float | None = None) -> Any:
+    """A settings field that is also a flag.
+
+    `changes_results` False marks where/how settings (device, folders, workers): a sweep
+    output made with other such values is still current. `picks_release` marks an
+    anonymizer setting that names its release file, so the probing scripts take it too.
+    Numbers must be finite and within `minimum` (inclusive), `above` and `below` (exclusive);
+    `check_options` checks them, and the sweep checks config values against the same bounds.
+    """
+    kind = kind or (type(default) if default is not None and not isinstance(default, (list, tuple)) else str)
+    metadata = {"help": help, "flags": flags, "kind": kind, "nargs": nargs, "required": required,
+                "choices": tuple(choices) if choices is not None else None, "changes_results": changes_results,
+                "picks_release": picks_release,
+                "bounds": {"minimum": minimum, "above": above, "below": below}}
+    if isinstance(default, list):
+        default = tuple(default)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def option_fields(settings_class: type, picks_release: bool | None = None) -> list[dataclasses.Field]:
+    """The fields of a settings class that are flags (optionally only those that pick a release)."""
+    return [f for f in dataclasses.fields(settings_class) if "help" in f.metadata
+            and (picks_release is None or f.metadata["picks_release"] == picks_release)]
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The main spelling of a field's flag (the one the sweep writes)."""
+    return (f.metadata["flags"] or (f"--{f.name}",))[0]
+
+
+def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, settings_class: type,
+                picks_release: bool | None = None, skip: Iterable[str] = ()) -> None:
+    """Add the flags of a settings class; flags whose dest is in `skip` are left out (already added)."""
+    for f in option_fields(settings_class, picks_release):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        flags = meta["flags"] or (f"--{f.name}",)
+        if meta["kind"] is bool:
+            parser.add_argument(*flags, dest=f.name, action="store_true", help=meta["help"])
+            continue
+        kwargs = {"type": meta["kind"] if meta["kind"] is not Path else Path, "help": meta["help"]}
+        if meta["nargs"]:
+            kwargs["nargs"] = meta["nargs"]
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        if meta["required"]:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = list(f.default) if isinstance(f.default, tuple) else f.default
+        parser.add_argument(*flags, dest=f.name, **kwargs)
+
+
+def from_args(settings_class: type, args: argparse.Namespace, **given: Any) -> Any:
+    """Build settings from parsed flags (lists become tuples, so the settings stay hashable and frozen)."""
+    values = {f.name: getattr(args, f.name) for f in option_fields(settings_class) if f.name not in given}
+    values = {name: tuple(value) if isinstance(value, list) else value for name, value in values.items()}
+    return settings_class(**values, **given)
+
+
+def settings_record(settings: Any) -> dict[str, Any]:
+    """What outputs record: the settings' fields, nested settings flattened in, paths as text."""
+    record: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value):
+            nested = settings_record(value)
+            clash = set(nested) & set(record)
+            if clash:
+                raise ValueError(f"settings {sorted(clash)} of {type(value).__name__} clash with the stage's own")
+            record.update(nested)
+        else:
+            record[f.name] = _plain(value)
+    return record
+
+
+def result_keys(settings: Any) -> set[str]:
+    """Recorded keys whose values shape the results (see `changes_results`)."""
+    keys = set()
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value):
+            keys |= result_keys(value)
+        elif f.metadata.get("changes_results", True):
+            keys.add(f.name)
+    return keys
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+# ---------------------------------------------------------------- checks, one per kind of number
+
+def check_options(settings: Any) -> None:
+    """Every numeric option of `settings` finite, whole where it is an int, and within its declared bounds."""
+    for f in option_fields(type(settings)):
+        if f.metadata["kind"] in (int, float):
+            values = getattr(settings, f.name)
+            for value in values if isinstance(values, tuple) else (values,):
+                check_number("/".join(f.metadata["flags"]) or f"--{f.name}", value, integer=f.metadata["kind"] is int,
+                             **f.metadata["bounds"])
+
+
+def bounds_text(bounds: dict[str, float | None]) -> str:
+    """'>= 2', '> 0 and < 1': a field's bounds as the sweep's config errors state them."""
+    parts = [f"{sign} {_number_text(bounds[key])}" for key, sign in (("minimum", ">="), ("above", ">"), ("below", "<"))
+             if bounds[key] is not None]
+    return " and ".join(parts)
+
+
+def check_number(flag: str, value: float | None, *, minimum: float | None = None, above: float | None = None,
+                 below: float | None = None, integer: bool = False) -> None:
+    """Finite and in range, or a one-line UserError naming the flag (None means 'not given')."""
+    if value is None:
+        return
+    if integer and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UserError(f"{flag} {value}: give a whole number")
+    if not math.isfinite(value):
+        raise UserError(f"{flag} {value}: give a finite number")
+    for bound, fails, text in ((minimum, lambda b: value < b, "at least"), (above, lambda b: value <= b, "above"),
+                               (below, lambda b: value >= b, "below")):
+        if bound is not None and fails(bound):
+            raise UserError(f"{flag} {value}: must be {text} {_number_text(bound)}")
+
+
+def _number_text(value: float) -> str:
+    return str(value) if float(value).is_integer() else f"{value:g}"
