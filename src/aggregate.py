@@ -1,12 +1,14 @@
 """Seed-aggregated tables and figures from probe result files, in the paper's layout.
 
 `python -m src.aggregate RESULTS_DIR [--out DIR]` reads every result file named as
-the probe scripts name them, `<dataset>_<flag>-s<seed>[_sigma-<sigma>].json`, groups
-them by dataset x anonymizer x test-noise sigma, and reduces over seeds to mean and
-sample standard deviation (ddof=1; a single seed has no std and is marked n=1).
-It writes, per metric and sigma, a table with datasets as rows and anonymizers as
-columns (Markdown, CSV, LaTeX), a long-format summary.csv, report.md (what it
-prints) and, when matplotlib is installed, AUC-vs-sigma and privacy-utility plots.
+the probe scripts name them (src.naming), groups them by dataset x anonymizer x
+test-noise sigma and units, and reduces over seeds to mean and sample standard deviation
+(ddof=1; a single seed has no std and is marked n=1). It writes, per metric, sigma and
+noise units, a table with datasets as rows and anonymizers as columns (Markdown, CSV,
+LaTeX; real-unit noise tables end in `-real`), a long-format summary.csv, report.md
+(what it prints) and, when matplotlib is installed, AUC-vs-sigma (one panel per noise
+unit) and privacy-utility plots. It warns when the results were made by more than one
+version of the code.
 """
 from __future__ import annotations
 
@@ -15,20 +17,18 @@ import csv
 import io
 import json
 import math
-import re
+import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from src.anonymizers import ANONYMIZERS, anonymizer_of_flag
 from src.cli import UserError, run_cli
 from src.io import atomic_path
-
-NUMBER = r"\d+(?:\.\d*)?(?:e[+-]?\d+)?"  # a non-negative float as the scripts' f"{value:g}" writes it
-RESULT_NAME = re.compile(
-    rf"^(?P<dataset>.+)_(?P<flag>identity|ksame-(?P<k>\d+)|cvae-online-v(?P<variance>{NUMBER})|cvae)"
-    rf"-s(?P<seed>-?\d+)(?:_sigma-(?P<sigma>{NUMBER}))?\.json$")
+from src.naming import parse_result_name
 METRICS = ("auc", "accuracy", "balanced_accuracy", "average_mindistance", "dcr_p5", "dcr_p50", "mia_auc")
 TABLE_METRICS = ("auc", "average_mindistance", "dcr_p5", "dcr_p50", "mia_auc")  # utility + privacy
 PRIVACY_AXES = ("average_mindistance", "mia_auc")  # y axes of the privacy-utility plot
@@ -43,9 +43,11 @@ class Result:
     dataset: str
     anonymizer: str
     sigma: float
+    units: str  # test-noise units, released or real ("released" at sigma 0, where there is no noise)
     seed: int
     metrics: dict[str, float]
     plain: bool  # written by the no-noise probe (file name without _sigma-)
+    code_version: str
 
 
 @dataclass(frozen=True)
@@ -55,28 +57,17 @@ class Cell:
     dataset: str
     anonymizer: str
     sigma: float
+    units: str
     metric: str
     mean: float
     std: float  # NaN when n == 1
     n: int
 
 
-def anonymizer_label(match: re.Match) -> str:
-    """Column name: the file's flag, with the online CVAE at the paper's variance 1 shown as `cvae-online`."""
-    if match["variance"] is None:
-        return match["flag"]
-    return "cvae-online" if float(match["variance"]) == 1.0 else match["flag"]
-
-
-def anonymizer_order(label: str) -> tuple[int, float]:
-    """Paper column order: identity, k-Same by k, offline CVAE, online CVAE by variance."""
-    if label == "identity":
-        return (0, 0.0)
-    if label.startswith("ksame-"):
-        return (1, float(label[len("ksame-"):]))
-    if label == "cvae":
-        return (2, 0.0)
-    return (3, float(label[len("cvae-online-v"):]) if label != "cvae-online" else 1.0)
+def anonymizer_order(label: str) -> tuple:
+    """Column order: registry order (identity, k-Same, CVAE, ...), then each anonymizer's own order."""
+    anonymizer = anonymizer_of_flag(label)
+    return (list(ANONYMIZERS.values()).index(anonymizer), anonymizer.column_order(label))
 
 
 def find_results(results_dir: Path) -> list[Path]:
@@ -84,7 +75,7 @@ def find_results(results_dir: Path) -> list[Path]:
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise UserError(f"results folder {results_dir} does not exist; give the folder the probes wrote to")
-    paths = sorted(path for path in results_dir.rglob("*.json") if RESULT_NAME.match(path.name))
+    paths = sorted(path for path in results_dir.rglob("*.json") if parse_result_name(path.name) is not None)
     if not paths:
         raise UserError(f"no result files (<dataset>_<flag>-s<seed>.json) under {results_dir}; run the probes first")
     return paths
@@ -94,8 +85,8 @@ def load_results(paths: Iterable[Path]) -> list[Result]:
     """Parse result files; a plain probe result wins over a sigma-0 noise result for the same seed."""
     chosen: dict[tuple, Result] = {}
     for path in map(Path, paths):
-        match = RESULT_NAME.match(path.name)
-        if match is None:
+        name = parse_result_name(path.name)
+        if name is None:
             raise UserError(f"{path}: not a result file name (<dataset>_<flag>-s<seed>[_sigma-<s>].json)")
         try:
             payload = json.loads(path.read_text())
@@ -105,10 +96,11 @@ def load_results(paths: Iterable[Path]) -> list[Result]:
             raise UserError(f"{path}: no numeric 'auc'; rerun the probe that writes it")
         metrics = {name: float(payload[name]) for name in METRICS
                    if isinstance(payload.get(name), (int, float)) and not isinstance(payload[name], bool)}
-        sigma = float(match["sigma"]) if match["sigma"] is not None else 0.0
-        result = Result(path, match["dataset"], anonymizer_label(match), sigma, int(match["seed"]),
-                        metrics, plain=match["sigma"] is None)
-        key = (result.dataset, result.anonymizer, result.sigma, result.seed)
+        units = payload.get("noise_units") or name["units"] or "released"
+        result = Result(path, name["dataset"], name["anonymizer"].column_label(name["flag"]), name["sigma"],
+                        units if name["sigma"] > 0 else "released", name["seed"], metrics, plain=name["plain"],
+                        code_version=str(payload.get("code_version", "unrecorded")))
+        key = (result.dataset, result.anonymizer, result.sigma, result.units, result.seed)
         other = chosen.get(key)
         if other is not None and other.plain == result.plain:
             raise UserError(f"two results for the same run: {other.path} and {path}; remove one")
@@ -119,22 +111,28 @@ def load_results(paths: Iterable[Path]) -> list[Result]:
 
 def summarise(results: list[Result]) -> list[Cell]:
     """Mean and sample std over seeds of every metric, in order of first appearance of each group."""
-    groups: dict[tuple[str, str, float], list[Result]] = {}
+    groups: dict[tuple[str, str, float, str], list[Result]] = {}
     for result in results:
-        groups.setdefault((result.dataset, result.anonymizer, result.sigma), []).append(result)
+        groups.setdefault((result.dataset, result.anonymizer, result.sigma, result.units), []).append(result)
     cells = []
-    for (dataset, anonymizer, sigma), members in groups.items():
+    for (dataset, anonymizer, sigma, units), members in groups.items():
         for metric in METRICS:
             values = np.array([member.metrics[metric] for member in members if metric in member.metrics])
             if len(values):
                 std = float(values.std(ddof=1)) if len(values) > 1 else math.nan
-                cells.append(Cell(dataset, anonymizer, sigma, metric, float(values.mean()), std, len(values)))
+                cells.append(Cell(dataset, anonymizer, sigma, units, metric, float(values.mean()), std, len(values)))
     return cells
 
 
-def grid(cells: list[Cell], metric: str, sigma: float) -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
-    """Rows (datasets), columns (anonymizers in paper order) and cells of one metric at one sigma."""
-    chosen = {(c.dataset, c.anonymizer): c for c in cells if c.metric == metric and c.sigma == sigma}
+UNITS_TEXT = {"released": "noise in each released set's z-units (the reference)",
+              "real": "noise in real train units (the same for every release)"}
+
+
+def grid(cells: list[Cell], metric: str, sigma: float,
+         units: str = "released") -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
+    """Rows (datasets), columns (anonymizers in paper order) and cells of one metric at one sigma and units."""
+    chosen = {(c.dataset, c.anonymizer): c for c in cells
+              if c.metric == metric and c.sigma == sigma and c.units == units}
     datasets = list(dict.fromkeys(dataset for dataset, _ in chosen))
     anonymizers = sorted({anonymizer for _, anonymizer in chosen}, key=anonymizer_order)
     return datasets, anonymizers, chosen
@@ -169,9 +167,9 @@ def latex_escape(text: str) -> str:
     return text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
 
 
-def metric_tables(cells: list[Cell], metric: str, sigma: float) -> tuple[str, str, str]:
-    """One metric at one sigma in the paper's layout: (Markdown, CSV, LaTeX)."""
-    datasets, anonymizers, chosen = grid(cells, metric, sigma)
+def metric_tables(cells: list[Cell], metric: str, sigma: float, units: str = "released") -> tuple[str, str, str]:
+    """One metric at one sigma and noise units in the paper's layout: (Markdown, CSV, LaTeX)."""
+    datasets, anonymizers, chosen = grid(cells, metric, sigma, units)
     places = decimals(chosen.values())
     full_n = max(cell.n for cell in chosen.values())
     rows = [[dataset] + [cell_text(chosen.get((dataset, a)), places, full_n) for a in anonymizers]
@@ -191,7 +189,7 @@ def metric_tables(cells: list[Cell], metric: str, sigma: float) -> tuple[str, st
     latex_rows = [" & ".join([latex_escape(dataset)] + [cell_text(chosen.get((dataset, a)), places, full_n, latex=True)
                                                          for a in anonymizers]) + r" \\" for dataset in datasets]
     latex = "\n".join([
-        f"% {metric}, test noise sigma = {sigma:g}; {STD_NOTE}",
+        f"% {metric}, test noise sigma = {sigma:g}" + (f" ({UNITS_TEXT[units]})" if sigma > 0 else "") + f"; {STD_NOTE}",
         r"\begin{tabular}{l" + "c" * len(anonymizers) + "}",
         r"\toprule",
         " & ".join(["Dataset"] + [latex_escape(a) for a in anonymizers]) + r" \\",
@@ -212,9 +210,10 @@ def report(cells: list[Cell]) -> str:
     base_sigma = min(cell.sigma for cell in cells)
     datasets = list(dict.fromkeys(cell.dataset for cell in cells))
     metrics = [m for m in TABLE_METRICS if any(c.metric == m and c.sigma == base_sigma for c in cells)]
+    at_base = [c for c in cells if c.sigma == base_sigma and c.units == "released"]
     parts = [f"Results: {STD_NOTE}.\n"]
     if len(datasets) == 1:
-        lookup = {(c.anonymizer, c.metric): c for c in cells if c.sigma == base_sigma}
+        lookup = {(c.anonymizer, c.metric): c for c in at_base}
         anonymizers = sorted({a for a, _ in lookup}, key=anonymizer_order)
         places = {m: decimals([c for (_, cm), c in lookup.items() if cm == m]) for m in metrics}
         full_n = max(c.n for c in lookup.values())
@@ -224,15 +223,37 @@ def report(cells: list[Cell]) -> str:
         for metric in metrics:
             parts.append(f"### {metric}, sigma = {base_sigma:g}\n\n" + metric_tables(cells, metric, base_sigma)[0])
     for dataset in datasets:
-        auc = {(c.anonymizer, c.sigma): c for c in cells if c.dataset == dataset and c.metric == "auc"}
-        sigmas = sorted({sigma for _, sigma in auc})
-        if len(sigmas) > 1:
-            anonymizers = sorted({a for a, _ in auc}, key=anonymizer_order)
-            places, full_n = decimals(auc.values()), max(c.n for c in auc.values())
-            rows = [[a] + [cell_text(auc.get((a, s)), places, full_n) for s in sigmas] for a in anonymizers]
-            parts.append(f"### {dataset}: auc against test noise\n\n"
-                         + markdown_table(["anonymizer"] + [f"sigma={s:g}" for s in sigmas], rows))
+        for units in noise_units(cells):
+            auc = noise_curve(cells, dataset, units)
+            sigmas = sorted({sigma for _, sigma in auc})
+            if len(sigmas) > 1:
+                anonymizers = sorted({a for a, _ in auc}, key=anonymizer_order)
+                places, full_n = decimals(auc.values()), max(c.n for c in auc.values())
+                rows = [[a] + [cell_text(auc.get((a, s)), places, full_n) for s in sigmas] for a in anonymizers]
+                parts.append(f"### {dataset}: auc against test noise, {UNITS_TEXT[units]}\n\n"
+                             + markdown_table(["anonymizer"] + [f"sigma={s:g}" for s in sigmas], rows))
     return "\n".join(parts)
+
+
+def versions_warning(results: list[Result]) -> str | None:
+    """A warning when the results were made by more than one version of the code, else None."""
+    versions = Counter(result.code_version for result in results)
+    if len(versions) < 2:
+        return None
+    listing = ", ".join(f"{version} ({count} files)" for version, count in versions.most_common())
+    return (f"warning: these tables mix results of {len(versions)} code versions: {listing}; "
+            "rerun with `python -m src.sweep CONFIG --rerun-other-code`")
+
+
+def noise_units(cells: list[Cell]) -> list[str]:
+    """The noise units present among noisy cells, released first."""
+    return [units for units in UNITS_TEXT if any(c.units == units and c.sigma > 0 for c in cells)]
+
+
+def noise_curve(cells: list[Cell], dataset: str, units: str) -> dict[tuple[str, float], Cell]:
+    """AUC cells of one dataset by (anonymizer, sigma) in one noise units; sigma 0 (no noise) belongs to every curve."""
+    return {(c.anonymizer, c.sigma): c for c in cells
+            if c.dataset == dataset and c.metric == "auc" and (c.units == units or c.sigma == 0)}
 
 
 def write_text(path: Path, text: str) -> None:
@@ -243,9 +264,9 @@ def write_text(path: Path, text: str) -> None:
 def summary_csv(cells: list[Cell]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["dataset", "anonymizer", "sigma", "metric", "mean", "std", "n"])
+    writer.writerow(["dataset", "anonymizer", "sigma", "noise_units", "metric", "mean", "std", "n"])
     for cell in cells:
-        writer.writerow([cell.dataset, cell.anonymizer, f"{cell.sigma:g}", cell.metric, repr(cell.mean),
+        writer.writerow([cell.dataset, cell.anonymizer, f"{cell.sigma:g}", cell.units, cell.metric, repr(cell.mean),
                          "" if cell.n == 1 else repr(cell.std), cell.n])
     return buffer.getvalue()
 
@@ -262,21 +283,24 @@ def plot_figures(cells: list[Cell], out_dir: Path) -> list[Path]:
     written = []
     datasets = list(dict.fromkeys(cell.dataset for cell in cells))
     for dataset in datasets:
-        auc = [c for c in cells if c.dataset == dataset and c.metric == "auc"]
-        if len({c.sigma for c in auc}) < 2:
+        curves = {units: noise_curve(cells, dataset, units) for units in noise_units(cells)}
+        curves = {units: curve for units, curve in curves.items() if len({s for _, s in curve}) > 1}
+        if not curves:
             continue
-        figure, axis = plt.subplots(figsize=(5, 3.5))
-        for anonymizer in sorted({c.anonymizer for c in auc}, key=anonymizer_order):
-            line = sorted((c for c in auc if c.anonymizer == anonymizer), key=lambda c: c.sigma)
-            axis.errorbar([c.sigma for c in line], [c.mean for c in line],
-                          yerr=[0.0 if c.n == 1 else c.std for c in line], marker="o", capsize=3, label=anonymizer)
-        axis.set(xlabel="test noise sigma", ylabel="AUC (%)", title=dataset)
-        axis.legend(fontsize="small")
+        figure, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False, sharey=True)
+        for axis, (units, curve) in zip(axes[0], curves.items()):
+            for anonymizer in sorted({a for a, _ in curve}, key=anonymizer_order):
+                line = sorted((c for (a, _), c in curve.items() if a == anonymizer), key=lambda c: c.sigma)
+                axis.errorbar([c.sigma for c in line], [c.mean for c in line],
+                              yerr=[0.0 if c.n == 1 else c.std for c in line], marker="o", capsize=3,
+                              label=anonymizer)
+            axis.set(xlabel=f"test noise sigma ({units} units)", ylabel="AUC (%)", title=dataset)
+        axes[0][-1].legend(fontsize="small")
         written.append(save_figure(figure, out_dir / f"auc_vs_sigma_{dataset}.png"))
         plt.close(figure)
 
     base_sigma = min(cell.sigma for cell in cells)
-    at_base = {(c.dataset, c.anonymizer, c.metric): c for c in cells if c.sigma == base_sigma}
+    at_base = {(c.dataset, c.anonymizer, c.metric): c for c in cells if c.sigma == base_sigma and c.units == "released"}
     axes_metrics = [m for m in PRIVACY_AXES if any(metric == m for _, _, metric in at_base)]
     if axes_metrics:
         figure, axes = plt.subplots(1, len(axes_metrics), figsize=(5 * len(axes_metrics), 4), squeeze=False)
@@ -307,16 +331,21 @@ def save_figure(figure, path: Path) -> Path:
 
 def aggregate(paths: Iterable[Path], out_dir: Path) -> str:
     """Tables, summary, report and figures for the given result files; returns the report."""
-    cells = summarise(load_results(paths))
+    results = load_results(paths)
+    cells = summarise(results)
     if not cells:
         raise UserError("no results to aggregate; run the probes first")
+    warning = versions_warning(results)
     out_dir = Path(out_dir)
     for metric in TABLE_METRICS:
-        for sigma in sorted({c.sigma for c in cells if c.metric == metric}):
-            for text, suffix in zip(metric_tables(cells, metric, sigma), ("md", "csv", "tex")):
-                write_text(out_dir / f"{metric}_sigma-{sigma:g}.{suffix}", text)
+        for sigma, units in sorted({(c.sigma, c.units) for c in cells if c.metric == metric}):
+            name = f"{metric}_sigma-{sigma:g}" + ("-real" if units == "real" else "")
+            for text, suffix in zip(metric_tables(cells, metric, sigma, units), ("md", "csv", "tex")):
+                write_text(out_dir / f"{name}.{suffix}", text)
     write_text(out_dir / "summary.csv", summary_csv(cells))
-    text = report(cells)
+    text = report(cells) + (f"\n{warning}\n" if warning else "")
+    if warning:
+        print(warning, file=sys.stderr)
     write_text(out_dir / "report.md", text)
     plot_figures(cells, out_dir)
     return text

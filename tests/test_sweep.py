@@ -20,7 +20,10 @@ import yaml
 from src.data import SPLITS, load_split
 from src.cli import run_cli
 from src.io import database_dir, file_fingerprint, load_database, save_database, write_json
+from src.options import settings_record
+from src.settings import CreateDbSettings
 from src.sweep import REPO_ROOT, expand, load_config, main, stale_reason
+from src.sweep.grid import stage_script
 
 BACKBONE = "vit_small_patch14_dinov2"
 STAGE_SCRIPTS = all((REPO_ROOT / script).is_file() for script in ("create_db.py", "probing.py", "probing_noise.py"))
@@ -41,7 +44,8 @@ def write_config(tmp_path: Path, name: str = "tiny", **overrides) -> Path:
 def write_databases(database_root: Path) -> Path:
     """digits pixels as 64-d embeddings, with the meta create_db writes, so create_db finds them current."""
     folder = database_dir(database_root, "digits", BACKBONE)
-    settings = {"dataset": "digits", "backbone": BACKBONE, "weights": "timm-pretrained", "img_size": None, "size": 224}
+    settings = settings_record(CreateDbSettings(dataset="digits", backbone=BACKBONE, database_root=database_root,
+                                                dataset_root=database_root.parent / "dataset_root", device="cpu"))
     for split in SPLITS:
         data = load_split("digits", database_root, split)
         embeddings = data.images.reshape(len(data), -1).astype(np.float32) / 255.0
@@ -51,20 +55,21 @@ def write_databases(database_root: Path) -> Path:
 
 
 def write_probe_result(tmp_path: Path, seed: int, sigma: float | None = None, auc: float = 90.0) -> Path:
-    """An identity probe result in the probe scripts' format (settings = their arguments)."""
+    """An identity probe result in the probe scripts' format (settings as the probing scripts record them)."""
     folder = database_dir(tmp_path / "database_root", "digits", BACKBONE)
     results = tmp_path / "output_root" / "sweeps" / "tiny" / "results"
-    settings = {"dataset": "digits", "backbone": BACKBONE, "seed": seed, "output_root": str(results), "lr": 0.001,
-                "epochs": 100, "batch_size": 128, "device": "cpu", "database_root": str(tmp_path / "database_root"),
-                "ckpt_root": str(tmp_path / "ckpt_root"), "anonymizer": "identity", "k": None}
-    if sigma is not None:
-        settings["sigma"] = [sigma]
-    name = f"digits_identity-s{seed}" + ("" if sigma is None else f"_sigma-{sigma:g}")
-    path = results / "digits" / f"{name}.json"
-    write_json(path, {"auc": auc, "accuracy": 0.9, "average_mindistance": 0.0, "mia_auc": 50.0,
-                      "sigma": sigma or 0.0, "settings": settings,
-                      "inputs": {str(folder / f"{s}.npz"): file_fingerprint(folder / f"{s}.npz") for s in SPLITS}})
-    return path
+    argv = ["--dataset", "digits", "--backbone", BACKBONE, "--seed", str(seed), "--output_root", str(results),
+            "--device", "cpu", "--database_root", str(tmp_path / "database_root"),
+            "--ckpt_root", str(tmp_path / "ckpt_root")]
+    script = stage_script("probing.py" if sigma is None else "probing_noise.py")
+    settings = script.parse_settings(argv + ([] if sigma is None else ["--sigma", str(sigma), "--noise_units",
+                                                                        "released", "real"]))
+    for path in script.outputs(settings):  # the released-units file first, as it is returned
+        write_json(path, {"auc": auc, "accuracy": 0.9, "average_mindistance": 0.0, "mia_auc": 50.0,
+                          "sigma": sigma or 0.0, "settings": settings_record(settings),
+                          "inputs": {str(folder / f"{s}.npz"): file_fingerprint(folder / f"{s}.npz")
+                                     for s in SPLITS}})
+    return script.outputs(settings)[0]
 
 
 def sweep(monkeypatch, *argv) -> int:
