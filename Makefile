@@ -11,6 +11,7 @@ demo: $(VENV)/.installed $(WEIGHTS)
 	$(PY) -m src.sweep assets/configs/demo.yaml --jobs 2
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 weights: $(WEIGHTS)

@@ -83,7 +83,8 @@ def main() -> None:
     ours = pipeline(backbone, device, images, args.batch_size)
     reference = reference_style(backbone, device, images[:args.reference_images or args.num_images], args.batch_size)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.backbone} at {args.img_size} px, {args.num_images} uint8 224 px images, batch {args.batch_size}, {name}")
+    print(f"{args.backbone} at {args.img_size} px, {args.num_images} uint8 224 px images, "
+          f"batch {args.batch_size}, {name}")
     print(f"model alone ({'bf16' if device.type == 'cuda' else 'fp32'}): {alone:8.1f} images/s")
     print(f"create_db pipeline:        {ours:8.1f} images/s  ({ours / alone:.0%} of model alone)")
     print(f"reference-style (PIL, fp32): {reference:6.1f} images/s  (pipeline is {ours / reference:.1f}x faster)")

@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[546, 5000, 20000])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds, ours and the baseline interleaved; the fastest is reported")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds, ours and the baseline interleaved; the fastest is reported")
     args = parser.parse_args()
     device = resolve_device(args.device)
     config = CVAEConfig(max_epochs=args.epochs, patience=args.epochs + 1)

@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for the DataLoader loop (ours always trains on one CPU thread)")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds, ours and the baseline interleaved; the fastest is reported")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds, ours and the baseline interleaved; the fastest is reported")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, config = resolve_device(args.device), ProbeConfig()

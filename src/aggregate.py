@@ -189,7 +189,8 @@ def metric_tables(cells: list[Cell], metric: str, sigma: float, units: str = "re
     latex_rows = [" & ".join([latex_escape(dataset)] + [cell_text(chosen.get((dataset, a)), places, full_n, latex=True)
                                                          for a in anonymizers]) + r" \\" for dataset in datasets]
     latex = "\n".join([
-        f"% {metric}, test noise sigma = {sigma:g}" + (f" ({UNITS_TEXT[units]})" if sigma > 0 else "") + f"; {STD_NOTE}",
+        f"% {metric}, test noise sigma = {sigma:g}" + (f" ({UNITS_TEXT[units]})" if sigma > 0 else "")
+        + f"; {STD_NOTE}",
         r"\begin{tabular}{l" + "c" * len(anonymizers) + "}",
         r"\toprule",
         " & ".join(["Dataset"] + [latex_escape(a) for a in anonymizers]) + r" \\",
@@ -354,7 +355,8 @@ def aggregate(paths: Iterable[Path], out_dir: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", type=Path, help="folder the probe scripts wrote their JSON files to")
-    parser.add_argument("--out", type=Path, default=None, help="where tables and figures go (default RESULTS_DIR/tables)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where tables and figures go (default RESULTS_DIR/tables)")
     args = parser.parse_args()
     out_dir = args.out if args.out is not None else args.results_dir / "tables"
     print(aggregate(find_results(args.results_dir), out_dir))

@@ -87,6 +87,8 @@ def settings_record(settings: Any) -> dict[str, Any]:
     record: dict[str, Any] = {}
     for f in dataclasses.fields(settings):
         value = getattr(settings, f.name)
+        if value is None and f.metadata.get("nested"):
+            continue  # no such part (the offline probes have no generator settings)
         if dataclasses.is_dataclass(value):
             nested = settings_record(value)
             clash = set(nested) & set(record)
@@ -103,6 +105,8 @@ def result_keys(settings: Any) -> set[str]:
     keys = set()
     for f in dataclasses.fields(settings):
         value = getattr(settings, f.name)
+        if value is None and f.metadata.get("nested"):
+            continue
         if dataclasses.is_dataclass(value):
             keys |= result_keys(value)
         elif f.metadata.get("changes_results", True):

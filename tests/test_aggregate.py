@@ -130,3 +130,28 @@ def test_unwritable_output_folder_exits_2(results: Path, tmp_path: Path, monkeyp
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main)
     assert exit_info.value.code == 2 and "cannot write to" in capsys.readouterr().err
+
+
+def test_tables_mixing_code_versions_carry_a_warning(tmp_path: Path, capsys):
+    folder = tmp_path / "results"
+    for seed, version in [(0, "git:aaaaaaaaaaaa"), (1, "git:aaaaaaaaaaaa"), (2, "git:bbbbbbbbbbbb-dirty")]:
+        path = write_result(folder, f"digits_identity-s{seed}", 90.0 + seed)
+        path.write_text(json.dumps({**json.loads(path.read_text()), "code_version": version}))
+    text = aggregate(find_results(folder), tmp_path / "tables")
+    assert "mix results of 2 code versions" in text and "git:aaaaaaaaaaaa (2 files)" in text
+    assert "--rerun-other-code" in capsys.readouterr().err
+    (folder / "digits" / "digits_identity-s2.json").unlink()
+    assert "code versions" not in aggregate(find_results(folder), tmp_path / "tables")
+
+
+def test_noise_units_get_tables_of_their_own(tmp_path: Path):
+    folder = tmp_path / "results"
+    for seed in (0, 1):
+        write_result(folder, f"digits_cvae-s{seed}", 95.0)
+        write_result(folder, f"digits_cvae-s{seed}_sigma-4", 88.0 + seed)
+        real = write_result(folder, f"digits_cvae-s{seed}_sigma-4-real", 80.0 + seed)
+        real.write_text(json.dumps({**json.loads(real.read_text()), "noise_units": "real"}))
+    text = aggregate(find_results(folder), tmp_path / "tables")
+    assert "auc against test noise, noise in each released set's z-units" in text
+    assert "| cvae | 95.00 ± 0.00 | 88.50 ± 0.71 |" in text and "| cvae | 95.00 ± 0.00 | 80.50 ± 0.71 |" in text
+    assert (tmp_path / "tables" / "auc_sigma-4-real.md").read_text().splitlines()[2] == "| digits | 80.50 ± 0.71 |"

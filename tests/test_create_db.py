@@ -59,7 +59,8 @@ def test_array_and_sample_paths_give_the_same_embeddings_for_the_same_images():
     samples_split = type(split)(labels=split.labels, class_names=split.class_names, samples=as_pil)
     from_samples = extract_embeddings(backbone, samples_split, torch.device("cpu"), batch_size=64, num_workers=0)
     assert from_arrays.shape == from_samples.shape == (len(split), backbone.num_features)
-    cosine = (from_arrays * from_samples).sum(1) / np.linalg.norm(from_arrays, axis=1) / np.linalg.norm(from_samples, axis=1)
+    cosine = ((from_arrays * from_samples).sum(1) / np.linalg.norm(from_arrays, axis=1)
+              / np.linalg.norm(from_samples, axis=1))
     assert cosine.min() > 0.98
 
 

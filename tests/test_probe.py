@@ -85,7 +85,8 @@ def test_callable_source_is_called_every_epoch_and_its_data_used():
         flipped = y if epoch == 0 else (y + 1) % 3  # from epoch 1 on the source teaches shifted labels
         return tensors(x, flipped)
 
-    model, history = train_probe(source, *tensors(val_x, (val_y + 1) % 3), 3, ProbeConfig(lr=0.01, max_epochs=30), CPU, 0)
+    model, history = train_probe(source, *tensors(val_x, (val_y + 1) % 3), 3, ProbeConfig(lr=0.01, max_epochs=30),
+                                 CPU, 0)
     assert calls == list(range(len(history["val_loss"])))
     predictions = predict_proba(model, torch.from_numpy(val_x)).argmax(axis=1)
     assert np.mean(predictions == (val_y + 1) % 3) > 0.9 and np.mean(predictions == val_y) < 0.1

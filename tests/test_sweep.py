@@ -19,7 +19,7 @@ import yaml
 
 from src.data import SPLITS, load_split
 from src.cli import run_cli
-from src.io import database_dir, file_fingerprint, load_database, save_database, write_json
+from src.io import code_version, database_dir, file_fingerprint, load_database, save_database, write_json
 from src.options import settings_record
 from src.settings import CreateDbSettings
 from src.sweep import REPO_ROOT, expand, load_config, main, stale_reason
@@ -274,3 +274,17 @@ def test_failed_points_are_listed_and_their_dependants_skipped(tmp_path, monkeyp
     assert "| identity | 90.00 ± 0.00 |" in captured.out  # the current dataset is still tabled
     failed = re.findall(r"^  (create_db-\S+): exit status 2: error: .*$", captured.err, flags=re.M)
     assert len(failed) == 2 and all(f"{name}.log" in captured.err for name in failed)
+
+
+def test_rerun_other_code_marks_outputs_of_another_code_version_stale(tmp_path):
+    write_databases(tmp_path / "database_root")
+    result = write_probe_result(tmp_path, 0)
+    results = tmp_path / "output_root/sweeps/tiny/results"
+    points = {p.name: p for p in expand(load_config(write_config(tmp_path)), results)}
+    probe = points["probe-digits-identity-s0"]
+    record = json.loads(result.read_text())
+    result.write_text(json.dumps({**record, "code_version": "git:000000000000"}))
+    assert stale_reason(probe) is None
+    assert "made by code git:000000000000" in stale_reason(probe, rerun_other_code=True)
+    result.write_text(json.dumps({**record, "code_version": code_version()}))
+    assert stale_reason(probe, rerun_other_code=True) is None

@@ -45,7 +45,8 @@ def writable_folder(folder: Path) -> Path:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise UserError(f"output folder {folder} is not writable ({err.strerror}); choose another --output_root") from err
+        raise UserError(f"output folder {folder} is not writable ({err.strerror}); "
+                        "choose another --output_root") from err
     return folder
 
 
@@ -53,7 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path, help="sweep config, e.g. assets/configs/demo.yaml")
     parser.add_argument("--jobs", type=int, default=1, help="points run at once (default 1)")
-    parser.add_argument("--slurm", type=Path, default=None, help="write a Slurm job-array script here instead of running")
+    parser.add_argument("--slurm", type=Path, default=None,
+                        help="write a Slurm job-array script here instead of running")
     parser.add_argument("--dry_run", action="store_true", help="list the points and what a run would do")
     parser.add_argument("--output_root", type=Path, default=None, help="where sweeps/<name>/ goes (default: config)")
     parser.add_argument("--rerun-other-code", dest="rerun_other_code", action="store_true",
