@@ -24,7 +24,7 @@ from src.anonymizers.base import ReleaseInputs
 from src.cli import UserError
 from src.io import (array_fingerprint, database_dir, database_paths, file_fingerprint, load_database, provenance,
                     write_json)
-from src.metrics import accuracy, auroc, balanced_accuracy, privacy_metrics
+from src.metrics import accuracy, auroc, balanced_accuracy, nearest_neighbours, privacy_metrics
 from src.naming import release_hint, release_path, result_paths
 from src.options import settings_record
 from src.probe import ProbeConfig, TrainSource, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
@@ -132,10 +132,20 @@ def noisy_test_metrics(model: torch.nn.Linear, test_x: torch.Tensor, test_y: np.
 
 def released_privacy(released_x: np.ndarray, train_x: np.ndarray, test_x: np.ndarray,
                      device: torch.device) -> dict[str, float]:
-    """Privacy metrics with every set z-scored by the real train statistics."""
+    """Privacy metrics with every set z-scored by the real train statistics, and the reference's
+    distance for comparison (`average_mindistance_reference_space`)."""
     mean, std = zscore_stats(train_x)
     released, train, test = (torch.from_numpy(zscore(x, mean, std)).to(device) for x in (released_x, train_x, test_x))
-    return privacy_metrics(released, train, test)
+    return {**privacy_metrics(released, train, test),
+            "average_mindistance_reference_space": reference_space_mindistance(released_x, train_x, device)}
+
+
+def reference_space_mindistance(released_x: np.ndarray, train_x: np.ndarray, device: torch.device) -> float:
+    """The reference's average minimum distance: the release z-scored with its own statistics, the real
+    train set with its own, and only the first len(release) real vectors searched (two defects kept on purpose)."""
+    released = torch.from_numpy(zscore(released_x, *zscore_stats(released_x))).to(device)
+    originals = torch.from_numpy(zscore(train_x, *zscore_stats(train_x))[:len(released_x)]).to(device)
+    return float(nearest_neighbours(released, originals)[0].double().mean())
 
 
 def noise_scale(unit_std: np.ndarray, probe_std: np.ndarray, device: torch.device) -> torch.Tensor | None:
