@@ -9,9 +9,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
+from sklearn.model_selection import train_test_split
 from torchvision import datasets
 
 from src.data import DATASETS, DatasetOptions, load_split
@@ -170,11 +172,55 @@ def write_octdl_download(raw: Path) -> list[dict]:
             write_image(raw / disease / f"{name}.jpg", value=patient, size=(12, 9))
             rows.append({"file_name": name, "disease": disease, "subcategory": "", "patient_id": str(1000 + patient),
                          "eye": "OD"})
+    write_octdl_labels(raw, rows)
+    return rows
+
+
+def write_octdl_labels(raw: Path, rows: list[dict]) -> None:
     with open(raw / "OCTDL_labels.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_octdl_download_with_shared_patients(raw: Path) -> list[dict]:
+    """All seven diseases; a third of the patients have images of two diseases; ids and rows in shuffled order,
+    so a split that sorted patients, or drew per disease from fresh seeds, would differ from the reference."""
+    rng = np.random.default_rng(5)
+    patient_ids = rng.permutation(np.arange(200, 260))
+    rows = []
+    for index, patient in enumerate(patient_ids):
+        diseases = [OCTDL_CLASSES[index % 7]] + ([OCTDL_CLASSES[(index * 3 + 1) % 7]] if index % 3 == 0 else [])
+        for disease in dict.fromkeys(diseases):
+            for scan in range(int(rng.integers(1, 4))):
+                name = f"{disease.lower()}_{patient}_{scan}"
+                write_image(raw / disease / f"{name}.jpg", value=int(patient) % 256, size=(12, 9))
+                rows.append({"file_name": name, "disease": disease, "patient_id": str(patient), "eye": "OS"})
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    write_octdl_labels(raw, rows)
     return rows
+
+
+def reference_octdl_split(raw: Path, seed: int = 42, val_ratio: float = 0.15, test_ratio: float = 0.25) -> dict:
+    """The authors' preprocessing loop (assets/data/octdl/octdl_preprocessing.py of cvae-anonymization), as
+    written there: global np.random.seed, pandas unique(), train_test_split without random_state."""
+    saved = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        train_ratio = 1 - val_ratio - test_ratio
+        df = pd.read_csv(raw / "OCTDL_labels.csv")
+        split_of = {}
+        for label in OCTDL_CLASSES:
+            df_label = df[df["disease"] == label][["file_name", "disease", "patient_id"]]
+            patients_list = df_label.patient_id.unique()
+            train_patients, test_patients = train_test_split(patients_list, test_size=1 - train_ratio)
+            val_patients, test_patients = train_test_split(test_patients,
+                                                           test_size=test_ratio / (test_ratio + val_ratio))
+            for split, chosen in (("train", train_patients), ("val", val_patients), ("test", test_patients)):
+                split_of.update({name: split for name in df_label[df_label["patient_id"].isin(chosen)].file_name})
+    finally:
+        np.random.set_state(saved)
+    return split_of
 
 
 def read_split_csv(tree: Path) -> list[dict]:
@@ -239,6 +285,66 @@ def test_octdl_refuses_missing_inputs(tmp_path):
     with pytest.raises(UserError, match=rows[5]["file_name"]):
         build_octdl_tree(tmp_path / "raw", tmp_path / "out")
     assert not (tmp_path / "out" / "dataset_1").exists()
+
+
+def splits_of_patients(records: list[dict]) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for record in records:
+        found.setdefault(record["patient_id"], set()).add(record["split"])
+    return found
+
+
+@pytest.mark.parametrize("seed, val, test", [(42, 0.15, 0.25), (7, 0.2, 0.3)])
+def test_octdl_default_split_is_the_authors_loop(tmp_path, seed, val, test):
+    write_octdl_download_with_shared_patients(tmp_path / "raw")
+    build_octdl_tree(tmp_path / "raw", tmp_path / "data" / "octdl", val, test, seed)
+    records = read_split_csv(tmp_path / "data" / "octdl" / "dataset_1")
+    assert {Path(r["file"]).stem: r["split"] for r in records} == reference_octdl_split(tmp_path / "raw", seed, val,
+                                                                                          test)
+    for record in records:
+        assert Path(record["file"]).parts[:2] == (record["split"], record["disease"])
+    partition = {"method": "authors", "seed": seed, "val_fraction": val, "test_fraction": test}
+    assert load_split("octdl", tmp_path / "data", "val").source["partition"] == partition
+
+
+def test_octdl_patients_cross_splits_only_under_the_authors_split(tmp_path):
+    write_octdl_download_with_shared_patients(tmp_path / "raw")
+    build_octdl_tree(tmp_path / "raw", tmp_path / "authors")
+    build_octdl_tree(tmp_path / "raw", tmp_path / "patient" / "octdl", method="patient")
+    authors = splits_of_patients(read_split_csv(tmp_path / "authors" / "dataset_1"))
+    patient = splits_of_patients(read_split_csv(tmp_path / "patient" / "octdl" / "dataset_1"))
+    assert any(len(splits) > 1 for splits in authors.values())
+    assert all(len(splits) == 1 for splits in patient.values()) and patient.keys() == authors.keys()
+    assert load_split("octdl", tmp_path / "patient", "test").source["partition"]["method"] == "patient"
+    (tmp_path / "patient" / "octdl" / "dataset_1" / "partition.json").unlink()  # a tree built before the record
+    assert load_split("octdl", tmp_path / "patient", "test").source["partition"] == {"method": "unrecorded"}
+
+
+def test_octdl_authors_split_refuses_what_it_cannot_draw(tmp_path):
+    rows = write_octdl_download(tmp_path / "raw")
+    with pytest.raises(UserError, match="--split 'leaky'"):
+        build_octdl_tree(tmp_path / "raw", tmp_path / "out", method="leaky")
+    with pytest.raises(UserError, match="--val 0.0"):
+        build_octdl_tree(tmp_path / "raw", tmp_path / "out", val_fraction=0.0)
+    one_erm_patient = [row for row in rows if row["disease"] != "ERM" or row["patient_id"] == "1002"]
+    write_octdl_labels(tmp_path / "raw", one_erm_patient)
+    with pytest.raises(UserError, match="ERM has only 1 patients"):
+        build_octdl_tree(tmp_path / "raw", tmp_path / "out")
+    assert not (tmp_path / "out" / "dataset_1").exists()
+    build_octdl_tree(tmp_path / "raw", tmp_path / "out", method="patient")  # the patient split has no such limit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("raw_name, arguments, message", [("raw", ["--split", "leaky"], "--split 'leaky'"),
+                                                          ("raw", ["--split", "patient", "--val", "0.9"], "--val 0.9"),
+                                                          (".", [], "OCTDL_labels.csv")])
+def test_octdl_script_reports_bad_input_in_one_line(tmp_path, raw_name, arguments, message):
+    write_octdl_download(tmp_path / "raw")
+    command = [sys.executable, str(REPO / "assets/data/octdl/preprocess_octdl.py"), "--raw", str(tmp_path / raw_name),
+               "--out", str(tmp_path / "octdl"), *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "octdl" / "dataset_1").exists()
 
 
 # ---------------------------------------------------------------- torchvision datasets
