@@ -11,6 +11,8 @@ copied record to float32 cancellation.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import torch
 
@@ -66,35 +68,61 @@ def balanced_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
     return 100.0 * float(np.mean(recalls))
 
 
-@torch.no_grad()
-def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, block_size: int = 4096,
-                       exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean distance from each query to its nearest reference vector, and that vector's index.
+def squared_distance_tiles(queries: torch.Tensor, reference: torch.Tensor, block_size: int,
+                           exclude_self: bool = False) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(query offset, reference offset, squared distances) for each block_size x block_size tile, row by row.
 
-    Works through block_size x block_size tiles. `exclude_self` (queries is reference)
-    skips each vector's own row, giving real-to-real nearest-neighbour distances; queries and
-    reference share one tile grid then, so a vector meets itself only on the diagonal tiles.
+    Uses the matmul form |q|^2 + |r|^2 - 2qr, fast but off by float32 rounding, so callers recompute the
+    distances that decide a result directly. `exclude_self` (queries is reference) sets each vector's
+    distance to itself to infinity; the two share one tile grid, so that is the diagonal of diagonal tiles.
     """
-    queries, reference = queries.float(), reference.float()
     reference_sq = reference.square().sum(dim=1)
-    best_index = torch.empty(len(queries), dtype=torch.long, device=queries.device)
     for q_start in range(0, len(queries), block_size):
         query_block = queries[q_start:q_start + block_size]
         query_sq = query_block.square().sum(dim=1, keepdim=True)
-        block_best = torch.full((len(query_block),), float("inf"), device=queries.device)
-        block_index = torch.zeros(len(query_block), dtype=torch.long, device=queries.device)
         for r_start in range(0, len(reference), block_size):
             reference_block = reference[r_start:r_start + block_size]
             squared = query_sq + reference_sq[r_start:r_start + block_size] - 2.0 * query_block @ reference_block.T
             if exclude_self and q_start == r_start:
                 squared.fill_diagonal_(float("inf"))
-            tile_best, tile_index = squared.min(dim=1)
-            better = tile_best < block_best
-            block_best = torch.where(better, tile_best, block_best)
-            block_index = torch.where(better, tile_index + r_start, block_index)
-        best_index[q_start:q_start + block_size] = block_index
-    distances = (queries - reference[best_index]).norm(dim=1)
+            yield q_start, r_start, squared
+
+
+@torch.no_grad()
+def k_nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, k: int, block_size: int = 4096,
+                         exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distances (N, k) from each query to its k nearest reference vectors, and their indices.
+
+    Neighbours are ranked by the matmul-form distances of the search and their distances then recomputed
+    directly, which keeps the exact zero of a copied record; columns are therefore ascending except between
+    neighbours within float32 rounding of each other. nearest_neighbours is its k = 1 case. Memory stays
+    at one tile plus N x k, so N can reach 100,000. `exclude_self` (queries is reference) skips each vector's
+    own row, giving real-to-real neighbour distances.
+    """
+    queries, reference = queries.float(), reference.float()
+    if len(reference) - int(exclude_self) < k:
+        raise ValueError(f"{k} neighbours asked of a reference set of {len(reference)} rows")
+    best_sq = torch.full((len(queries), k), float("inf"), device=queries.device)
+    best_index = torch.zeros((len(queries), k), dtype=torch.long, device=queries.device)
+    for q_start, r_start, squared in squared_distance_tiles(queries, reference, block_size, exclude_self):
+        rows = slice(q_start, q_start + len(squared))
+        tile_sq, tile_index = squared.topk(min(k, squared.shape[1]), dim=1, largest=False)
+        merged_sq = torch.cat([best_sq[rows], tile_sq], dim=1)  # earlier tiles first: a stable sort keeps them on ties
+        merged_index = torch.cat([best_index[rows], tile_index + r_start], dim=1)
+        order = merged_sq.argsort(dim=1, stable=True)[:, :k]
+        best_sq[rows], best_index[rows] = merged_sq.gather(1, order), merged_index.gather(1, order)
+    distances = torch.empty((len(queries), k), device=queries.device)
+    for start in range(0, len(queries), block_size):
+        rows = slice(start, start + block_size)
+        distances[rows] = (queries[rows, None, :] - reference[best_index[rows]]).norm(dim=2)
     return distances, best_index
+
+
+def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, block_size: int = 4096,
+                       exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distance from each query to its nearest reference vector, and that vector's index."""
+    distances, index = k_nearest_neighbours(queries, reference, 1, block_size, exclude_self)
+    return distances[:, 0], index[:, 0]
 
 
 def privacy_metrics(released: torch.Tensor, real_train: torch.Tensor, real_test: torch.Tensor,

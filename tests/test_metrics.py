@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 import torch
+from scipy.spatial.distance import cdist
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-from src.metrics import accuracy, auroc, balanced_accuracy, nearest_neighbours, privacy_metrics
+from src.metrics import accuracy, auroc, balanced_accuracy, k_nearest_neighbours, nearest_neighbours, privacy_metrics
 
 
 def test_binary_auroc_matches_sklearn_with_ties():
@@ -93,3 +94,24 @@ def test_identity_release_shows_the_leak_and_fresh_samples_do_not():
     fresh = privacy_metrics(5 + 3 * torch.randn(400, 32, generator=generator), train, test)
     assert fresh["average_mindistance"] > 0.5 * fresh["real_nn_p50"]
     assert 40.0 < fresh["mia_auc"] < 60.0
+
+
+def test_k_nearest_neighbours_match_brute_force_for_several_k_and_blocks():
+    rng = np.random.default_rng(7)
+    queries, reference = rng.normal(size=(37, 12)), rng.normal(size=(53, 12))
+    reference[10] = reference[3]  # a twin: exclude_self must skip only the row itself, keeping the twin at 0
+    for k in (1, 2, 5):
+        for block_size in (8, 16, 4096):
+            for q, exclude_self in [(queries, False), (reference, True)]:
+                distances, index = k_nearest_neighbours(torch.tensor(q), torch.tensor(reference), k, block_size,
+                                                        exclude_self)
+                full = cdist(q, reference)
+                if exclude_self:
+                    np.fill_diagonal(full, np.inf)
+                np.testing.assert_allclose(distances.numpy(), np.sort(full, axis=1)[:, :k], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(np.take_along_axis(full, index.numpy(), axis=1), distances.numpy(),
+                                           rtol=1e-5, atol=1e-6)
+    twin_distances, _ = k_nearest_neighbours(torch.tensor(reference), torch.tensor(reference), 1, 8, exclude_self=True)
+    assert twin_distances[3, 0] == 0.0 and twin_distances[10, 0] == 0.0
+    with pytest.raises(ValueError):
+        k_nearest_neighbours(torch.tensor(queries), torch.tensor(reference[:4]), 5)
