@@ -153,18 +153,18 @@ def count_within_radius(queries: torch.Tensor, reference: torch.Tensor, radii: t
     queries_sq, reference_sq, radii_sq = queries.square().sum(dim=1), reference.square().sum(dim=1), radii.square()
     counts = torch.zeros(len(queries), dtype=torch.long, device=queries.device)
     for q_start, r_start, squared in squared_distance_tiles(queries, reference, block_size):
-        columns = slice(r_start, r_start + squared.shape[1])
-        margin = MATMUL_TOLERANCE * (queries_sq[q_start:q_start + len(squared), None] + reference_sq[None, columns])
-        gap = squared - radii_sq[None, columns]
-        counts[q_start:q_start + len(squared)] += (gap < -margin).sum(dim=1)
-        near_rows, near_columns = torch.nonzero(gap.abs() <= margin, as_tuple=True)
+        rows, columns = slice(q_start, q_start + len(squared)), slice(r_start, r_start + squared.shape[1])
+        # one margin per column, from the block's largest query norm: a slightly wider band, no extra tile
+        margin = MATMUL_TOLERANCE * (queries_sq[rows].max() + reference_sq[columns])
+        inside = squared < radii_sq[columns] - margin
+        counts[rows] += inside.sum(dim=1)
+        near_rows, near_columns = torch.nonzero((squared <= radii_sq[columns] + margin) ^ inside, as_tuple=True)
         near_rows, near_columns = near_rows + q_start, near_columns + r_start
         for start in range(0, len(near_rows), block_size):
             query_index, reference_index = near_rows[start:start + block_size], near_columns[start:start + block_size]
             direct = (queries[query_index] - reference[reference_index]).norm(dim=1)
             counts.index_add_(0, query_index, (direct < radii[reference_index]).long())
     return counts
-
 
 
 def neighbour_distances(queries: torch.Tensor, reference: torch.Tensor, k: int, block_size: int,

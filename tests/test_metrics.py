@@ -225,3 +225,15 @@ def test_a_split_too_small_for_the_neighbour_metrics_is_a_user_error(too_small):
     sets[too_small] = sets[too_small][:MIN_SPLIT_ROWS - 1]
     with pytest.raises(UserError, match=too_small):
         privacy_metrics(sets["released"], sets["train"], sets["test"], sets["val"], seed=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_privacy_metrics_on_gpu_equal_cpu():
+    generator = torch.Generator().manual_seed(14)
+    train, test, val = (torch.randn(n, 64, generator=generator) for n in (3000, 1500, 1000))
+    released = torch.cat([train[:500], torch.randn(2500, 64, generator=generator)])  # copies: exact zeros and ties
+    cpu = privacy_metrics(released, train, test, val, seed=0, block_size=1024)
+    gpu = privacy_metrics(*(x.cuda() for x in (released, train, test, val)), seed=0, block_size=1024)
+    for key, value in cpu.items():
+        assert gpu[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
