@@ -71,7 +71,7 @@ def main() -> None:
                                  config, device, args.seed, probe_ckpt)
 
     utility = noisy_test_metrics(model, test_x, data.test_y, sigmas, args.seed)
-    privacy = released_privacy(first_x, data.train_x, data.test_x, device)
+    privacy = released_privacy(first_x, data.train_x, data.test_x, data.val_x, args.seed, device)
     released = dataclasses.replace(data, released_x=first_x, released_y=first_y)
     flag = f"cvae-online-v{args.variance:g}"
     write_noise_results(args, flag, {sigma: result_record(utility[sigma], privacy, sigma, args, released, history,

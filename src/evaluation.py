@@ -172,12 +172,13 @@ def noisy_test_metrics(model: torch.nn.Linear, test_x: torch.Tensor, test_y: np.
             for sigma in sigmas}
 
 
-def released_privacy(released_x: np.ndarray, train_x: np.ndarray, test_x: np.ndarray,
-                     device: torch.device) -> dict[str, float]:
-    """Privacy metrics with every set z-scored by the real train statistics."""
+def released_privacy(released_x: np.ndarray, train_x: np.ndarray, test_x: np.ndarray, val_x: np.ndarray,
+                     seed: int, device: torch.device) -> dict[str, float]:
+    """Privacy and fidelity metrics with every set z-scored by the real train statistics."""
     mean, std = zscore_stats(train_x)
-    released, train, test = (torch.from_numpy(zscore(x, mean, std)).to(device) for x in (released_x, train_x, test_x))
-    return privacy_metrics(released, train, test)
+    released, train, test, val = (torch.from_numpy(zscore(x, mean, std)).to(device)
+                                  for x in (released_x, train_x, test_x, val_x))
+    return privacy_metrics(released, train, test, val, seed)
 
 
 def result_record(utility: dict, privacy: dict, sigma: float, args: argparse.Namespace, data: ProbeData,
@@ -216,6 +217,6 @@ def run_probing(args: argparse.Namespace, sigmas: list[float]) -> tuple[str, dic
                                  checkpoint)
 
     utility = noisy_test_metrics(model, test_x, data.test_y, sigmas, args.seed)
-    privacy = released_privacy(data.released_x, data.train_x, data.test_x, device)
+    privacy = released_privacy(data.released_x, data.train_x, data.test_x, data.val_x, args.seed, device)
     return flag, {sigma: result_record(utility[sigma], privacy, sigma, args, data, history, device)
                   for sigma in sigmas}
