@@ -206,8 +206,9 @@ def privacy_metrics(released: torch.Tensor, real_train: torch.Tensor, real_test:
       i.e. equal to it element by element in float32 (the DCR is recomputed directly, so a copy stays at 0).
     - identifiability: percent of real train records whose nearest released vector is strictly closer than
       their nearest other real train record. This is synthcity's IdentifiabilityScore "score" (not its default
-      "score_OC", which first maps records through a one-class network) in percent; synthcity computes
-      entropy weights per column but then sets them all to 1, so its score is this unweighted one.
+      "score_OC", which first maps records through a one-class network) in percent; synthcity's code
+      computes entropy weights per column but then sets them all to 1, so its score is this unweighted one.
+      As there, the nearest other real record of a record with a twin is the twin, at distance 0.
     - dcr_holdout_share: percent of released vectors strictly closer to real train than to a real holdout
       (the test split) of the same size; the larger of the two is subsampled without replacement with
       `seed`. SDMetrics' DCROverfittingProtection "closer_to_training" in percent, ties counted as closer
@@ -217,10 +218,11 @@ def privacy_metrics(released: torch.Tensor, real_train: torch.Tensor, real_test:
       where real ones are dense): Naeem et al. 2020 against real train with k = 5, exactly as their prdc
       code: a point is inside a set's manifold when strictly closer to one of its members than that
       member's 5th nearest other member.
-    - mia_auc_density: a DOMIAS-style density-ratio attack (van Breugel et al. 2023). A record scores
-      log(5-NN distance to real val) - log(5-NN distance to the release), the log of the ratio of the
-      release's to the real k-NN density up to a monotone transform; AUC in percent of real train
-      (members) vs real test, 50 = no signal. DOMIAS fits KDE or flow densities and has no k; k = 5 as prdc.
+    - mia_auc_density: a DOMIAS-style density-ratio attack (van Breugel et al. 2023), real val as its
+      reference set. A record scores s = log(5-NN distance to real val) - log(5-NN distance to the release);
+      the k-NN density estimate k / (n c_d r^d) makes the log ratio of release to real density d * s + const,
+      so s ranks records as that ratio does. AUC in percent of real train (members) vs real test, 50 = no
+      signal. DOMIAS fits KDE or flow densities and has no k; k = 5 as prdc.
 
     Every set needs at least MIN_SPLIT_ROWS rows, else UserError.
     """
