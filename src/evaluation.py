@@ -130,13 +130,15 @@ def noisy_test_metrics(model: torch.nn.Linear, test_x: torch.Tensor, test_y: np.
             for sigma in sigmas}
 
 
-def released_privacy(released_x: np.ndarray, train_x: np.ndarray, test_x: np.ndarray,
-                     device: torch.device) -> dict[str, float]:
-    """Privacy metrics with every set z-scored by the real train statistics, and the reference's
-    distance for comparison (`average_mindistance_reference_space`)."""
-    mean, std = zscore_stats(train_x)
-    released, train, test = (torch.from_numpy(zscore(x, mean, std)).to(device) for x in (released_x, train_x, test_x))
-    return {**privacy_metrics(released, train, test),
+def released_privacy(released_x: np.ndarray, data: ProbeData, seed: int, device: torch.device) -> dict[str, float]:
+    """Privacy and fidelity metrics with every set z-scored by the real train statistics (val is the
+    density attack's reference, test the holdout), and the reference's distance for comparison
+    (`average_mindistance_reference_space`)."""
+    mean, std = zscore_stats(data.train_x)
+    released, train, test, val = (torch.from_numpy(zscore(x, mean, std)).to(device)
+                                  for x in (released_x, data.train_x, data.test_x, data.val_x))
+    train_x = data.train_x
+    return {**privacy_metrics(released, train, test, val, seed),
             "average_mindistance_reference_space": reference_space_mindistance(released_x, train_x, device)}
 
 
@@ -190,7 +192,7 @@ def run_probing(settings: ProbeSettings, data: ProbeData, training: TrainingSet,
     utility = {units: noisy_test_metrics(model, test_x, data.test_y, sorted({s for s, u in paths if u == units}),
                                          settings.seed, scales[units])
                for units in dict.fromkeys(units for _, units in paths)}
-    privacy = released_privacy(training.released_x, data.train_x, data.test_x, device)
+    privacy = released_privacy(training.released_x, data, settings.seed, device)
     common = {**privacy, **training.details, "num_classes": data.num_classes,
               "probe": {"best_epoch": history["best_epoch"], "epochs_run": len(history["val_loss"]),
                         "best_val_loss": min(history["val_loss"])},
@@ -219,7 +221,7 @@ def online_training_set(settings: ProbeSettings, data: ProbeData, device: torch.
     draw, key = anonymizer.sampler(inputs, settings.release, settings.making, settings.online, settings.seed, device)
     epoch_x, epoch_y = (tensor.cpu().numpy() for tensor in draw(0))
     count = len(data.train_y)
-    whole_epoch = released_privacy(epoch_x, data.train_x, data.test_x, device)
+    whole_epoch = released_privacy(epoch_x, data, settings.seed, device)
     mean, std = zscore_stats(data.train_x)
     return TrainingSet(anonymizer.flag(settings.release, online=True), draw, epoch_x[:count].copy(),
                        epoch_y[:count].copy(), mean, std,

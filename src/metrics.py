@@ -1,18 +1,22 @@
-"""Utility metrics of a probe and privacy metrics of a released embedding set.
+"""Utility metrics of a probe; privacy and fidelity metrics of a released embedding set.
 
 Utility: AUROC (the paper's number), accuracy and balanced accuracy, all in percent,
 written out in numpy so their tie handling is visible (average ranks, as sklearn).
 
-Privacy: distances between released vectors and the real ones, in the real train
-z-score space. Nearest neighbours are found in blocks on the device, so no N x M
-matrix is ever held whole; the distance to the neighbour found is then recomputed
-directly, because the matmul form |a|^2 + |b|^2 - 2ab loses the exact zero of a
-copied record to float32 cancellation.
+Privacy and fidelity: distances between released vectors and the real ones, in the real
+train z-score space, and the metrics users know from synthcity, SDMetrics, prdc and DOMIAS
+computed exactly on them. Neighbours are found in blocks on the device, so no N x M matrix
+is ever held whole; the distances that decide a result are then recomputed directly, because
+the matmul form |a|^2 + |b|^2 - 2ab loses the exact zero of a copied record to float32 cancellation.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import torch
+
+from src.cli import UserError
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -66,40 +70,130 @@ def balanced_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
     return 100.0 * float(np.mean(recalls))
 
 
-@torch.no_grad()
-def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, block_size: int = 4096,
-                       exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean distance from each query to its nearest reference vector, and that vector's index.
+# Every k-nearest-neighbour metric uses k = 5: prdc's recommended value; DOMIAS estimates densities with
+# KDE or flows and has no k of its own, so its k-NN stand-in takes the same.
+NEIGHBOURS = 5
+# Each split must hold more than NEIGHBOURS rows: prdc radii need the 5th nearest *other* row of a set.
+MIN_SPLIT_ROWS = NEIGHBOURS + 1
+# Band around a radius where the matmul-form squared distance is not trusted and the pair is recomputed directly:
+# its float32 error is ~2e-7 of |q|^2 + |r|^2 in practice, below the worst case d * 6e-8 up to d = 1,600.
+MATMUL_TOLERANCE = 1e-4
 
-    Works through block_size x block_size tiles. `exclude_self` (queries is reference)
-    skips each vector's own row, giving real-to-real nearest-neighbour distances; queries and
-    reference share one tile grid then, so a vector meets itself only on the diagonal tiles.
+EXTRA_PRIVACY_KEYS = ("exact_copy_share", "identifiability", "dcr_holdout_share", "mia_auc_density")
+FIDELITY_KEYS = ("precision", "recall", "density", "coverage")
+
+
+def squared_distance_tiles(queries: torch.Tensor, reference: torch.Tensor, block_size: int,
+                           exclude_self: bool = False) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(query offset, reference offset, squared distances) for each block_size x block_size tile, row by row.
+
+    Uses the matmul form |q|^2 + |r|^2 - 2qr, fast but off by float32 rounding, so callers recompute the
+    distances that decide a result directly. `exclude_self` (queries is reference) sets each vector's
+    distance to itself to infinity; the two share one tile grid, so that is the diagonal of diagonal tiles.
     """
-    queries, reference = queries.float(), reference.float()
     reference_sq = reference.square().sum(dim=1)
-    best_index = torch.empty(len(queries), dtype=torch.long, device=queries.device)
     for q_start in range(0, len(queries), block_size):
         query_block = queries[q_start:q_start + block_size]
         query_sq = query_block.square().sum(dim=1, keepdim=True)
-        block_best = torch.full((len(query_block),), float("inf"), device=queries.device)
-        block_index = torch.zeros(len(query_block), dtype=torch.long, device=queries.device)
         for r_start in range(0, len(reference), block_size):
             reference_block = reference[r_start:r_start + block_size]
             squared = query_sq + reference_sq[r_start:r_start + block_size] - 2.0 * query_block @ reference_block.T
             if exclude_self and q_start == r_start:
                 squared.fill_diagonal_(float("inf"))
-            tile_best, tile_index = squared.min(dim=1)
-            better = tile_best < block_best
-            block_best = torch.where(better, tile_best, block_best)
-            block_index = torch.where(better, tile_index + r_start, block_index)
-        best_index[q_start:q_start + block_size] = block_index
-    distances = (queries - reference[best_index]).norm(dim=1)
+            yield q_start, r_start, squared
+
+
+@torch.no_grad()
+def k_nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, k: int, block_size: int = 4096,
+                         exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distances (N, k) from each query to its k nearest reference vectors, and their indices.
+
+    Neighbours are ranked by the matmul-form distances of the search and their distances then recomputed
+    directly, which keeps the exact zero of a copied record; columns are therefore ascending except between
+    neighbours within float32 rounding of each other. nearest_neighbours is its k = 1 case. Memory stays
+    at one tile plus N x k, so N can reach 100,000. `exclude_self` (queries is reference) skips each vector's
+    own row, giving real-to-real neighbour distances.
+    """
+    queries, reference = queries.float(), reference.float()
+    if len(reference) - int(exclude_self) < k:
+        raise ValueError(f"{k} neighbours asked of a reference set of {len(reference)} rows")
+    best_sq = torch.full((len(queries), k), float("inf"), device=queries.device)
+    best_index = torch.zeros((len(queries), k), dtype=torch.long, device=queries.device)
+    for q_start, r_start, squared in squared_distance_tiles(queries, reference, block_size, exclude_self):
+        rows = slice(q_start, q_start + len(squared))
+        tile_sq, tile_index = squared.topk(min(k, squared.shape[1]), dim=1, largest=False)
+        merged_sq = torch.cat([best_sq[rows], tile_sq], dim=1)  # earlier tiles first: a stable sort keeps them on ties
+        merged_index = torch.cat([best_index[rows], tile_index + r_start], dim=1)
+        order = merged_sq.argsort(dim=1, stable=True)[:, :k]
+        best_sq[rows], best_index[rows] = merged_sq.gather(1, order), merged_index.gather(1, order)
+    distances = torch.empty((len(queries), k), device=queries.device)
+    for start in range(0, len(queries), block_size):
+        rows = slice(start, start + block_size)
+        distances[rows] = (queries[rows, None, :] - reference[best_index[rows]]).norm(dim=2)
     return distances, best_index
 
 
+def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, block_size: int = 4096,
+                       exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distance from each query to its nearest reference vector, and that vector's index."""
+    distances, index = k_nearest_neighbours(queries, reference, 1, block_size, exclude_self)
+    return distances[:, 0], index[:, 0]
+
+
+@torch.no_grad()
+def count_within_radius(queries: torch.Tensor, reference: torch.Tensor, radii: torch.Tensor,
+                        block_size: int = 4096) -> torch.Tensor:
+    """For each query, how many reference vectors r lie strictly inside their own radius: |q - r| < radii[r].
+
+    The test of prdc's precision, recall and density. Pairs whose matmul-form distance lies within float32
+    rounding of the radius are recomputed directly, so a tie with a directly computed radius (a copied
+    record at exactly the k-th neighbour distance) is decided as prdc decides it, by the strict <.
+    """
+    queries, reference, radii = queries.float(), reference.float(), radii.float()
+    queries_sq, reference_sq, radii_sq = queries.square().sum(dim=1), reference.square().sum(dim=1), radii.square()
+    counts = torch.zeros(len(queries), dtype=torch.long, device=queries.device)
+    for q_start, r_start, squared in squared_distance_tiles(queries, reference, block_size):
+        rows, columns = slice(q_start, q_start + len(squared)), slice(r_start, r_start + squared.shape[1])
+        # one margin per column, from the block's largest query norm: a slightly wider band, no extra tile
+        margin = MATMUL_TOLERANCE * (queries_sq[rows].max() + reference_sq[columns])
+        inside = squared < radii_sq[columns] - margin
+        counts[rows] += inside.sum(dim=1)
+        near_rows, near_columns = torch.nonzero((squared <= radii_sq[columns] + margin) ^ inside, as_tuple=True)
+        near_rows, near_columns = near_rows + q_start, near_columns + r_start
+        for start in range(0, len(near_rows), block_size):
+            query_index, reference_index = near_rows[start:start + block_size], near_columns[start:start + block_size]
+            direct = (queries[query_index] - reference[reference_index]).norm(dim=1)
+            counts.index_add_(0, query_index, (direct < radii[reference_index]).long())
+    return counts
+
+
+def neighbour_distances(queries: torch.Tensor, reference: torch.Tensor, k: int, block_size: int,
+                        exclude_self: bool = False) -> np.ndarray:
+    """k_nearest_neighbours' distances as a numpy array (N, k) on the CPU."""
+    return k_nearest_neighbours(queries, reference, k, block_size, exclude_self)[0].cpu().numpy()
+
+
+def random_rows(rows: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """`size` rows drawn without replacement by a seeded permutation; all rows, in order, when size is len(rows)."""
+    if size == len(rows):
+        return rows
+    keep = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:size]
+    return rows[keep.to(rows.device)]
+
+
+def require_rows(sets: dict[str, tuple[torch.Tensor, str]]) -> None:
+    """Raise UserError for a set too small for the k-NN metrics, saying what to do about it."""
+    for name, (rows, remedy) in sets.items():
+        if len(rows) < MIN_SPLIT_ROWS:
+            raise UserError(f"the {name} has {len(rows)} rows but the privacy and fidelity metrics need at least "
+                            f"{MIN_SPLIT_ROWS}; {remedy}")
+
+
 def privacy_metrics(released: torch.Tensor, real_train: torch.Tensor, real_test: torch.Tensor,
-                    block_size: int = 4096) -> dict[str, float]:
-    """How close the released set sits to the real training records (all inputs z-scored with real train stats).
+                    real_val: torch.Tensor, seed: int, block_size: int = 4096) -> dict[str, float]:
+    """How close the released set sits to the real records, and how faithful it is to them.
+
+    All inputs are z-scored with the real train statistics. Shares and AUCs are in percent.
 
     - average_mindistance: mean distance of a released vector to its closest real train vector.
     - dcr_p5, dcr_p50: 5th and 50th percentiles of that distance to closest record (DCR).
@@ -108,18 +202,68 @@ def privacy_metrics(released: torch.Tensor, real_train: torch.Tensor, real_test:
     - real_nn_p50: that median real-to-real distance, the yardstick for the DCRs.
     - mia_auc: a membership attack that calls a record a member when a released vector lies close
       to it; AUC in percent of real train (members) vs real test (non-members), 50 = no signal.
+    - exact_copy_share: percent of released vectors at distance exactly 0 from a real train vector,
+      i.e. equal to it element by element in float32 (the DCR is recomputed directly, so a copy stays at 0).
+    - identifiability: percent of real train records whose nearest released vector is strictly closer than
+      their nearest other real train record. This is synthcity's IdentifiabilityScore "score" (not its default
+      "score_OC", which first maps records through a one-class network) in percent; synthcity's code
+      computes entropy weights per column but then sets them all to 1, so its score is this unweighted one.
+      As there, the nearest other real record of a record with a twin is the twin, at distance 0.
+    - dcr_holdout_share: percent of released vectors strictly closer to real train than to a real holdout
+      (the test split) of the same size; the larger of the two is subsampled without replacement with
+      `seed`. SDMetrics' DCROverfittingProtection "closer_to_training" in percent, ties counted as closer
+      to the holdout as there; 50 = no overfitting. (SDMetrics keeps the whole train set; equal sizes
+      make 50 the no-overfitting value whatever the split sizes.)
+    - precision, recall, coverage (percent) and density (a ratio, above 1 when released vectors crowd
+      where real ones are dense): Naeem et al. 2020 against real train with k = 5, exactly as their prdc
+      code: a point is inside a set's manifold when strictly closer to one of its members than that
+      member's 5th nearest other member.
+    - mia_auc_density: a DOMIAS-style density-ratio attack (van Breugel et al. 2023), real val as its
+      reference set. A record scores s = log(5-NN distance to real val) - log(5-NN distance to the release);
+      the k-NN density estimate k / (n c_d r^d) makes the log ratio of release to real density d * s + const,
+      so s ranks records as that ratio does. AUC in percent of real train (members) vs real test, 50 = no
+      signal. DOMIAS fits KDE or flow densities and has no k; k = 5 as prdc.
+
+    Every set needs at least MIN_SPLIT_ROWS rows, else UserError.
     """
-    dcr = nearest_neighbours(released, real_train, block_size)[0].cpu().numpy().astype(np.float64)
-    real_nn = nearest_neighbours(real_train, real_train, block_size, exclude_self=True)[0].cpu().numpy()
-    real_nn_median = float(np.median(real_nn))
-    member_distance = nearest_neighbours(real_train, released, block_size)[0].cpu().numpy()
-    non_member_distance = nearest_neighbours(real_test, released, block_size)[0].cpu().numpy()
-    is_member = np.r_[np.ones(len(member_distance), bool), np.zeros(len(non_member_distance), bool)]
+    require_rows({"released set": (released, f"release at least {MIN_SPLIT_ROWS} vectors"),
+                  **{f"real {split} split": (rows, f"use a dataset whose {split} split holds more records")
+                     for split, rows in (("train", real_train), ("test", real_test), ("val", real_val))}})
+    k = NEIGHBOURS
+    dcr = neighbour_distances(released, real_train, 1, block_size)[:, 0].astype(np.float64)
+    real_nn = neighbour_distances(real_train, real_train, k, block_size, exclude_self=True)
+    released_nn = neighbour_distances(released, released, k, block_size, exclude_self=True)
+    member_nn, non_member_nn = (neighbour_distances(rows, released, k, block_size) for rows in (real_train, real_test))
+    member_val_nn, non_member_val_nn = (neighbour_distances(rows, real_val, k, block_size)
+                                        for rows in (real_train, real_test))
+    real_nn_median = float(np.median(real_nn[:, 0]))
+    is_member = np.r_[np.ones(len(real_train), bool), np.zeros(len(real_test), bool)]
+
+    holdout_size = min(len(real_train), len(real_test))
+    holdout_train, holdout = (random_rows(rows, holdout_size, seed) for rows in (real_train, real_test))
+    dcr_train = (dcr if holdout_train is real_train
+                 else neighbour_distances(released, holdout_train, 1, block_size)[:, 0])
+    dcr_holdout = neighbour_distances(released, holdout, 1, block_size)[:, 0]
+
+    real_radii, released_radii = (torch.from_numpy(nn[:, -1]).to(released.device) for nn in (real_nn, released_nn))
+    real_hits = count_within_radius(released, real_train, real_radii, block_size).cpu().numpy()
+    released_hits = count_within_radius(real_train, released, released_radii, block_size).cpu().numpy()
+    with np.errstate(divide="ignore"):  # a k-NN distance of 0 (k copies of a record) scores +-inf, still ranked
+        log_density_ratio = (np.log(np.r_[member_val_nn[:, -1], non_member_val_nn[:, -1]].astype(np.float64))
+                             - np.log(np.r_[member_nn[:, -1], non_member_nn[:, -1]].astype(np.float64)))
     return {
         "average_mindistance": float(dcr.mean()),
         "dcr_p5": float(np.percentile(dcr, 5)),
         "dcr_p50": float(np.percentile(dcr, 50)),
         "share_closer_than_real_nn": 100.0 * float(np.mean(dcr < real_nn_median)),
         "real_nn_p50": real_nn_median,
-        "mia_auc": binary_auroc(is_member, -np.r_[member_distance, non_member_distance]),
+        "mia_auc": binary_auroc(is_member, -np.r_[member_nn[:, 0], non_member_nn[:, 0]]),
+        "exact_copy_share": 100.0 * float(np.mean(dcr == 0.0)),
+        "identifiability": 100.0 * float(np.mean(member_nn[:, 0] < real_nn[:, 0])),
+        "dcr_holdout_share": 100.0 * float(np.mean(dcr_train < dcr_holdout)),
+        "precision": 100.0 * float(np.mean(real_hits > 0)),
+        "recall": 100.0 * float(np.mean(released_hits > 0)),
+        "density": float(real_hits.mean()) / k,
+        "coverage": 100.0 * float(np.mean(member_nn[:, 0] < real_nn[:, -1])),
+        "mia_auc_density": binary_auroc(is_member, log_density_ratio),
     }
