@@ -28,9 +28,13 @@ import numpy as np
 from src.anonymizers import ANONYMIZERS, anonymizer_of_flag
 from src.cli import UserError, run_cli
 from src.io import atomic_path
+from src.metrics import EXTRA_PRIVACY_KEYS, FIDELITY_KEYS
 from src.naming import parse_result_name
-METRICS = ("auc", "accuracy", "balanced_accuracy", "average_mindistance", "dcr_p5", "dcr_p50", "mia_auc")
-TABLE_METRICS = ("auc", "average_mindistance", "dcr_p5", "dcr_p50", "mia_auc")  # utility + privacy
+TABLE_METRICS = ("auc", "average_mindistance", "dcr_p5", "dcr_p50", "mia_auc")  # the paper's utility + privacy
+# the privacy and fidelity metrics users of synthcity / SDMetrics know, in a table of their own
+KNOWN_METRICS = (*EXTRA_PRIVACY_KEYS, *FIDELITY_KEYS)
+METRICS = (*TABLE_METRICS, "accuracy", "balanced_accuracy", "share_closer_than_real_nn",
+           "average_mindistance_reference_space", *KNOWN_METRICS)
 PRIVACY_AXES = ("average_mindistance", "mia_auc")  # y axes of the privacy-utility plot
 STD_NOTE = "mean ± sample std (ddof=1) over seeds; n = number of seeds when not all cells have the same"
 
@@ -210,19 +214,23 @@ def report(cells: list[Cell]) -> str:
     """
     base_sigma = min(cell.sigma for cell in cells)
     datasets = list(dict.fromkeys(cell.dataset for cell in cells))
-    metrics = [m for m in TABLE_METRICS if any(c.metric == m and c.sigma == base_sigma for c in cells)]
     at_base = [c for c in cells if c.sigma == base_sigma and c.units == "released"]
     parts = [f"Results: {STD_NOTE}.\n"]
-    if len(datasets) == 1:
-        lookup = {(c.anonymizer, c.metric): c for c in at_base}
-        anonymizers = sorted({a for a, _ in lookup}, key=anonymizer_order)
-        places = {m: decimals([c for (_, cm), c in lookup.items() if cm == m]) for m in metrics}
-        full_n = max(c.n for c in lookup.values())
-        rows = [[a] + [cell_text(lookup.get((a, m)), places[m], full_n) for m in metrics] for a in anonymizers]
-        parts.append(f"### {datasets[0]}, sigma = {base_sigma:g}\n\n" + markdown_table(["anonymizer"] + metrics, rows))
-    else:
-        for metric in metrics:
-            parts.append(f"### {metric}, sigma = {base_sigma:g}\n\n" + metric_tables(cells, metric, base_sigma)[0])
+    for title, group in (("", TABLE_METRICS), (", privacy and fidelity metrics users know", KNOWN_METRICS)):
+        metrics = [m for m in group if any(c.metric == m for c in at_base)]
+        if not metrics:
+            continue
+        if len(datasets) == 1:
+            lookup = {(c.anonymizer, c.metric): c for c in at_base if c.metric in metrics}
+            anonymizers = sorted({a for a, _ in lookup}, key=anonymizer_order)
+            places = {m: decimals([c for (_, cm), c in lookup.items() if cm == m]) for m in metrics}
+            full_n = max(c.n for c in lookup.values())
+            rows = [[a] + [cell_text(lookup.get((a, m)), places[m], full_n) for m in metrics] for a in anonymizers]
+            parts.append(f"### {datasets[0]}, sigma = {base_sigma:g}{title}\n\n"
+                         + markdown_table(["anonymizer"] + metrics, rows))
+        else:
+            for metric in metrics:
+                parts.append(f"### {metric}, sigma = {base_sigma:g}\n\n" + metric_tables(cells, metric, base_sigma)[0])
     for dataset in datasets:
         for units in noise_units(cells):
             auc = noise_curve(cells, dataset, units)
@@ -338,7 +346,7 @@ def aggregate(paths: Iterable[Path], out_dir: Path) -> str:
         raise UserError("no results to aggregate; run the probes first")
     warning = versions_warning(results)
     out_dir = Path(out_dir)
-    for metric in TABLE_METRICS:
+    for metric in (*TABLE_METRICS, *KNOWN_METRICS):
         for sigma, units in sorted({(c.sigma, c.units) for c in cells if c.metric == metric}):
             name = f"{metric}_sigma-{sigma:g}" + ("-real" if units == "real" else "")
             for text, suffix in zip(metric_tables(cells, metric, sigma, units), ("md", "csv", "tex")):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from src.cli import UserError
 from src.defaults import ONLINE_FACTOR, SAMPLING_VARIANCE
-from src.io import array_fingerprint, atomic_path, settings_key
+from src.io import array_fingerprint, atomic_path, provenance, settings_key
 from src.runtime import seed_everything
 
 # Rows per decoder call. A chunk's activations (1024 x 768 floats, 3 MB) stay in cache while the
@@ -268,7 +268,7 @@ def load_or_train_cvae(ckpt_dir: Path, train_x: np.ndarray, train_y: np.ndarray,
                          "val_fingerprint": array_fingerprint(val_x, val_y)},
             "state_dict": bundle.model.state_dict(),
             "scaler_minimum": bundle.scaler.minimum, "scaler_span": bundle.scaler.span,
-            "history": bundle.history, "best_epoch": bundle.best_epoch,
+            "history": bundle.history, "best_epoch": bundle.best_epoch, **provenance(),
         }, tmp)
     return bundle
 

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from src.cli import UserError
-from src.io import atomic_path, settings_key
+from src.io import atomic_path, provenance, settings_key
 from src.runtime import one_cpu_thread
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -97,7 +97,7 @@ def train_probe(train_source: TrainSource, val_x: torch.Tensor, val_y: torch.Ten
         model, history = _fit(model, train_source, val_x, val_y, config, device, seed)
     if checkpoint is not None:
         with atomic_path(Path(checkpoint)) as tmp:
-            torch.save({"state_dict": model.state_dict(), "history": history}, tmp)
+            torch.save({"state_dict": model.state_dict(), "history": history, **provenance()}, tmp)
     return model.eval(), history
 
 
