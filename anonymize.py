@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from src.cvae import SAMPLING_VARIANCE, CVAEConfig, generate_offline, load_or_train_cvae
-from src.cli import UserError, run_cli
+from src.cli import ArgumentParser, UserError, run_cli
 from src.defaults import DEFAULT_ROOTS, PAPER_BACKBONE
 from src.io import database_dir, file_fingerprint, load_database, package_versions, save_database
 from src.ksame import ksame
@@ -26,7 +26,7 @@ from src.runtime import resolve_device, seed_everything
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--backbone", default=PAPER_BACKBONE)
     parser.add_argument("--anonymizer", required=True, choices=["ksame", "cvae"])

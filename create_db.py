@@ -13,14 +13,14 @@ from pathlib import Path
 from src.backbones import check_backbone_name, create_backbone
 from src.data import SPLITS, DatasetOptions, load_split
 from src.extract import extract_embeddings
-from src.cli import UserError, run_cli
+from src.cli import ArgumentParser, UserError, run_cli
 from src.defaults import DEFAULT_ROOTS, PAPER_BACKBONE
 from src.io import database_dir, file_fingerprint, load_database, package_versions, save_database
 from src.runtime import resolve_device, seed_everything
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="registry name, e.g. breastmnist, digits, imagefolder:PATH")
     parser.add_argument("--backbone", default=PAPER_BACKBONE, help="any timm model name")
     parser.add_argument("--weights", type=Path, default=None, help=".safetensors or .pth state dict (offline)")

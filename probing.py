@@ -5,15 +5,13 @@ accuracy, balanced accuracy and the released set's privacy metrics.
 """
 from __future__ import annotations
 
-import argparse
-
 from src.evaluation import add_anonymizer_arguments, add_common_arguments, result_path, run_probing
-from src.cli import run_cli
+from src.cli import ArgumentParser, run_cli
 from src.io import write_json
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     add_common_arguments(parser)
     add_anonymizer_arguments(parser)
     args = parser.parse_args()

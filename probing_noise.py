@@ -5,15 +5,13 @@ The probe is trained once and evaluated at every --sigma; each writes
 """
 from __future__ import annotations
 
-import argparse
-
 from src.evaluation import (add_anonymizer_arguments, add_common_arguments, add_sigma_argument, checked_sigmas,
                             run_probing, write_noise_results)
-from src.cli import run_cli
+from src.cli import ArgumentParser, run_cli
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     add_common_arguments(parser)
     add_anonymizer_arguments(parser)
     add_sigma_argument(parser)

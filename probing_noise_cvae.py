@@ -17,14 +17,14 @@ import torch
 from src.cvae import ONLINE_FACTOR, SAMPLING_VARIANCE, CVAEConfig, OnlineSampler, load_or_train_cvae
 from src.evaluation import (add_common_arguments, add_sigma_argument, checked_sigmas, load_probe_data,
                             noisy_test_metrics, probe_config, released_privacy, result_record, write_noise_results)
-from src.cli import UserError, run_cli
+from src.cli import ArgumentParser, UserError, run_cli
 from src.io import array_fingerprint, database_dir
 from src.probe import probe_checkpoint_path, train_probe, zscore, zscore_stats
 from src.runtime import resolve_device, seed_everything
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
     add_sigma_argument(parser)
     parser.add_argument("--variance", type=float, default=SAMPLING_VARIANCE,

@@ -10,7 +10,6 @@ prints) and, when matplotlib is installed, AUC-vs-sigma and privacy-utility plot
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -22,7 +21,7 @@ from typing import Iterable
 
 import numpy as np
 
-from src.cli import UserError, run_cli
+from src.cli import ArgumentParser, UserError, run_cli
 from src.io import atomic_path
 
 NUMBER = r"\d+(?:\.\d*)?(?:e[+-]?\d+)?"  # a non-negative float as the scripts' f"{value:g}" writes it
@@ -323,7 +322,7 @@ def aggregate(paths: Iterable[Path], out_dir: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", type=Path, help="folder the probe scripts wrote their JSON files to")
     parser.add_argument("--out", type=Path, default=None, help="where tables and figures go (default RESULTS_DIR/tables)")
     args = parser.parse_args()

@@ -17,7 +17,6 @@ results/ (the probes' JSON files), logs/<point>.log, tables/ (src.aggregate).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from src.aggregate import aggregate
 from src.backbones import check_backbone_name
 from src.cvae import ONLINE_FACTOR, SAMPLING_VARIANCE
 from src.data import IMAGEFOLDER_PREFIX, SPLITS, dataset_names
-from src.cli import UserError, run_cli
+from src.cli import ArgumentParser, UserError, run_cli
 from src.defaults import DEFAULT_ROOTS
 from src.io import database_dir, dataset_dirname, file_fingerprint
 from src.probe import ProbeConfig
@@ -519,7 +518,7 @@ def writable_folder(folder: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path, help="sweep config, e.g. assets/configs/demo.yaml")
     parser.add_argument("--jobs", type=int, default=1, help="points run at once (default 1)")
     parser.add_argument("--slurm", type=Path, default=None, help="write a Slurm job-array script here instead of running")
