@@ -23,7 +23,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from collections import Counter
@@ -39,9 +38,9 @@ from src.aggregate import aggregate
 from src.backbones import check_backbone_name
 from src.cvae import ONLINE_FACTOR, SAMPLING_VARIANCE
 from src.data import IMAGEFOLDER_PREFIX, SPLITS, dataset_names
-from src.cli import ArgumentParser, UserError, run_cli
+from src.cli import ArgumentParser, UserError, brief_reason, run_cli
 from src.defaults import DEFAULT_ROOTS
-from src.io import database_dir, dataset_dirname, file_fingerprint
+from src.io import check_output_folder, database_dir, dataset_dirname, file_fingerprint
 from src.probe import ProbeConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -97,11 +96,16 @@ class Point:
 def load_config(path: Path) -> SweepConfig:
     """Read and strictly validate a sweep config; any unknown key or bad value is a UserError."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
         raise UserError(f"cannot read config {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix the file") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                        "save it as UTF-8") from err
+    except yaml.YAMLError as err:  # its text spans lines; the problem and where it is make one
+        mark = getattr(err, "problem_mark", None)
+        where = f"{err.problem}, line {mark.line + 1} column {mark.column + 1}" if mark else brief_reason(err)
+        raise UserError(f"{path} is not valid YAML ({where}); fix the file") from err
 
     def fail(message: str) -> UserError:
         return UserError(f"{path}: {message}")
@@ -506,17 +510,6 @@ def slurm_script(points: list[Point], config: SweepConfig, log_dir: Path) -> str
 
 # ---------------------------------------------------------------- main
 
-def writable_folder(folder: Path) -> Path:
-    """Create the folder and prove it takes files, before any work starts."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise UserError(f"output folder {folder} is not writable ({err.strerror}); choose another --output_root") from err
-    return folder
-
-
 def main() -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path, help="sweep config, e.g. assets/configs/demo.yaml")
@@ -530,7 +523,9 @@ def main() -> None:
     config = load_config(args.config)
     output_root = args.output_root.resolve() if args.output_root else Path(config.paths["output_root"])
     sweep_dir = output_root / "sweeps" / config.name  # relative to the repo root unless absolute
-    log_dir = writable_folder(REPO_ROOT / sweep_dir / "logs")
+    log_dir = REPO_ROOT / sweep_dir / "logs"
+    check_output_folder(log_dir, "--output_root")
+    log_dir.mkdir(parents=True, exist_ok=True)
     points = expand(config, sweep_dir / "results")
 
     if args.slurm is not None:
