@@ -173,6 +173,13 @@ def save_database(path: Path, embeddings: np.ndarray, labels: np.ndarray, meta: 
             np.savez(handle, embeddings=embeddings, labels=labels, meta=np.array(json.dumps(meta)))
 
 
+def check_npz(path: Path, remedy: str) -> None:
+    """Refuse a file that is not a zip archive before np.load reads it: np.load returns a bare array
+    for an .npy under an .npz name, and fails deep inside the zip reader for a damaged one."""
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not an .npz archive (damaged, or an .npy under an .npz name); {remedy}")
+
+
 def load_database(path: Path, hint: str = "") -> tuple[np.ndarray, np.ndarray, dict]:
     """Read and validate an embedding database: (embeddings float32 N x D, labels int64 N, meta).
 
@@ -184,8 +191,7 @@ def load_database(path: Path, hint: str = "") -> tuple[np.ndarray, np.ndarray, d
     recreate = f"recreate it with: {hint}" if hint else "recreate it"
     if not path.is_file():
         raise UserError(f"missing database {path}" + (f"; create it with: {hint}" if hint else ""))
-    if not zipfile.is_zipfile(path):  # np.load would return an array for an .npy, or fail inside the zip reader
-        raise UserError(f"{path} is not an .npz archive (damaged, or an .npy under an .npz name); {recreate}")
+    check_npz(path, recreate)
     try:
         with np.load(path, allow_pickle=False) as npz:
             if "embeddings" not in npz.files or "labels" not in npz.files:

@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from src.cli import ArgumentParser, UserError, brief_reason, check_finite, check_seed, user_message
+from src.data import load_split
 from src.cvae import CVAE, CVAEConfig, checkpoint_path, load_or_train_cvae, train_cvae
 from src.io import atomic_path, check_output_folder, load_database, remove_dead_temporaries, save_database, write_json
 from src.probe import ProbeConfig, probe_checkpoint_path, train_probe
@@ -297,6 +298,14 @@ def test_database_format_is_checked_before_use(tmp_path, case):
         load_database(path, "python create_db.py --dataset toy")
     message = user_message(caught.value)
     assert "\n" not in message and str(path) in message and "python create_db.py --dataset toy" in message
+
+
+def test_medmnist_file_saved_by_np_save_is_refused_before_reading(tmp_path):
+    (tmp_path / "medmnist").mkdir()
+    with open(tmp_path / "medmnist" / "breastmnist_224.npz", "wb") as handle:
+        np.save(handle, np.zeros((4, 8, 8), dtype=np.uint8))
+    with pytest.raises(UserError, match=r"breastmnist_224\.npz is not an \.npz archive.*download it again"):
+        load_split("breastmnist", tmp_path, "train")
 
 
 def test_anonymize_refuses_an_npy_named_npz_and_writes_nothing(tmp_path):
