@@ -14,13 +14,13 @@ import argparse
 from pathlib import Path
 
 from src.anonymizers import add_anonymizer_options, anonymizer_settings, get_anonymizer
-from src.cli import run_cli
+from src.cli import ArgumentParser, run_cli
 from src.options import add_options, from_args
 from src.settings import AnonymizeSettings
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(parser, AnonymizeSettings)
     add_anonymizer_options(parser, making=True)
     return parser

@@ -9,14 +9,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from src.cli import run_cli
+from src.cli import ArgumentParser, run_cli
 from src.io import database_paths
 from src.options import add_options, from_args
 from src.settings import CreateDbSettings
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(parser, CreateDbSettings)
     return parser
 

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from src.anonymizers.cvae import CVAEAnonymizer
-from src.cli import run_cli
+from src.cli import ArgumentParser, run_cli
 from src.naming import result_paths
 from src.options import add_options, from_args
 from src.settings import ProbeSettings
@@ -21,8 +21,8 @@ from src.settings import ProbeSettings
 GENERATOR = CVAEAnonymizer()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(parser, ProbeSettings, skip=("anonymizer",))
     parser.set_defaults(sigma=None, noise_units=["real"])  # the reference's online script: real units
     for settings_class in (GENERATOR.Release, GENERATOR.Making, GENERATOR.Online):

@@ -12,7 +12,6 @@ version of the code.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -26,7 +25,7 @@ from typing import Iterable
 import numpy as np
 
 from src.anonymizers import ANONYMIZERS, anonymizer_of_flag
-from src.cli import UserError, run_cli
+from src.cli import ArgumentParser, UserError, run_cli
 from src.io import atomic_path
 from src.metrics import EXTRA_PRIVACY_KEYS, FIDELITY_KEYS
 from src.naming import parse_result_name
@@ -361,7 +360,7 @@ def aggregate(paths: Iterable[Path], out_dir: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", type=Path, help="folder the probe scripts wrote their JSON files to")
     parser.add_argument("--out", type=Path, default=None,
                         help="where tables and figures go (default RESULTS_DIR/tables)")

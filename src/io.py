@@ -4,7 +4,9 @@ Stages talk only through `.npz` files with the keys `embeddings` (float32, N x D
 and `labels` (int64, N), as the paper's code reads them. We add a `meta` key (a
 JSON string) recording the settings and versions that produced the file. Every
 write goes to a temporary file in the same folder and is renamed into place, so a
-failed run never leaves a half-written or clobbered output behind.
+failed run never leaves a half-written or clobbered output behind. A temporary is
+named after its writer (host and process id), so a run killed mid-write leaves one
+that the next write into that folder recognises as dead and removes.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import functools
 import hashlib
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-from src.cli import UserError
+from src.cli import UserError, brief_reason
 
 
 def package_versions() -> dict[str, str]:
@@ -109,13 +113,56 @@ def settings_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _host_tag() -> str:
+    """This machine's name as a file name part: temporaries of other hosts sharing a folder are never touched."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host; a zombie or a reused pid counts as alive, so we err on keeping."""
+    if os.name == "nt":  # os.kill would terminate the process there; keep everything
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_dead_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporaries of atomic_path in `folder` whose writer, a process on this host, is gone
+    (killed during its write); a live writer's temporary is left alone. Returns what was removed."""
+    pattern = re.compile(rf"^\..+\.{re.escape(_host_tag())}-(?P<pid>\d+)\.[a-z0-9_]+\.tmp$")
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for name in names:
+        match = pattern.match(name)
+        if match and not _process_alive(int(match["pid"])):
+            try:
+                (Path(folder) / name).unlink()
+            except FileNotFoundError:  # another run removed it first
+                continue
+            removed.append(Path(folder) / name)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The temporary is `.<name>.<host>-<pid>.<random>.tmp`; dead writers' temporaries in the folder go first.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        remove_dead_temporaries(path.parent)
+        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_host_tag()}-{os.getpid()}.",
+                                            suffix=".tmp")
     except OSError as err:
         raise UserError(f"cannot write to {path.parent}: {err.strerror}; choose a writable folder") from err
     os.close(handle)
@@ -126,6 +173,25 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_output_folder(folder: Path, flag: str) -> None:
+    """Prove, before any work starts, that outputs can be written into `folder`, and clear dead writers'
+    temporaries there. Creates nothing: a folder still to be made passes if the nearest existing
+    folder above it takes files, since atomic_path makes the rest when it writes."""
+    folder = Path(folder)
+    existing = folder.absolute()
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder} is not writable ({existing} is not a folder); choose another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # an unnamed file on Linux: nothing shows, nothing stays
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {folder} is not writable ({err.strerror} in {existing}); "
+                        f"choose another {flag}") from err
+    remove_dead_temporaries(folder)
 
 
 def save_database(path: Path, embeddings: np.ndarray, labels: np.ndarray, meta: dict) -> None:
@@ -139,34 +205,54 @@ def save_database(path: Path, embeddings: np.ndarray, labels: np.ndarray, meta: 
             np.savez(handle, embeddings=embeddings, labels=labels, meta=np.array(json.dumps(meta)))
 
 
+def check_npz(path: Path, remedy: str) -> None:
+    """Refuse a file that is not a zip archive before np.load reads it: np.load returns a bare array
+    for an .npy under an .npz name, and fails deep inside the zip reader for a damaged one."""
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not an .npz archive (damaged, or an .npy under an .npz name); {remedy}")
+
+
 def load_database(path: Path, hint: str = "") -> tuple[np.ndarray, np.ndarray, dict]:
     """Read and validate an embedding database: (embeddings float32 N x D, labels int64 N, meta).
 
-    `hint` says which command makes the file, for the error when it is missing.
+    `hint` says which command makes the file, for the errors that a rerun of it fixes. Labels
+    must be the class ids 0..C-1; C is bounded by the data (at most N, and at most the number of
+    class names the meta records), so a corrupt label cannot make a stage allocate N x label memory.
     """
     path = Path(path)
+    recreate = f"recreate it with: {hint}" if hint else "recreate it"
     if not path.is_file():
         raise UserError(f"missing database {path}" + (f"; create it with: {hint}" if hint else ""))
+    check_npz(path, recreate)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            if "embeddings" not in npz or "labels" not in npz:
-                raise UserError(f"{path} lacks the keys 'embeddings' and 'labels'; recreate it")
-            embeddings = np.asarray(npz["embeddings"], dtype=np.float32)
-            labels = npz["labels"]
-            meta = json.loads(str(npz["meta"])) if "meta" in npz else {}
+            if "embeddings" not in npz.files or "labels" not in npz.files:
+                raise UserError(f"{path} lacks the keys 'embeddings' and 'labels'; {recreate}")
+            embeddings, labels = npz["embeddings"], npz["labels"]
+            meta = json.loads(str(npz["meta"])) if "meta" in npz.files else {}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise UserError(f"cannot read database {path} ({err}); delete it and recreate it") from err
-    if embeddings.ndim != 2 or embeddings.shape[0] == 0:
-        raise UserError(f"{path}: embeddings must be a non-empty N x D array, got shape {embeddings.shape}")
+        raise UserError(f"cannot read database {path} ({brief_reason(err)}); {recreate}") from err
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: 'meta' is not a JSON object; {recreate}")
+    if embeddings.dtype.kind not in "fiu" or embeddings.ndim != 2 or embeddings.shape[0] == 0:
+        raise UserError(f"{path}: embeddings must be a non-empty N x D array of numbers, "
+                        f"got {embeddings.dtype} {embeddings.shape}; {recreate}")
     if labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
         raise UserError(f"{path}: {labels.shape[0] if labels.ndim == 1 else labels.shape} labels "
-                        f"for {embeddings.shape[0]} embeddings; recreate it")
+                        f"for {embeddings.shape[0]} embeddings; {recreate}")
     if not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"{path}: labels must be integers, got {labels.dtype}; recreate it")
+        raise UserError(f"{path}: labels must be integers, got {labels.dtype}; {recreate}")
     if labels.min() < 0:
-        raise UserError(f"{path}: negative class labels; labels must be 0..C-1, recreate it")
+        raise UserError(f"{path}: negative class labels; labels must be 0..C-1, {recreate}")
+    names = meta.get("class_names")
+    limit, counted = ((len(names), "class names in its meta") if isinstance(names, list) and len(names) < len(labels)
+                      else (len(labels), "rows"))
+    if labels.max() >= limit:
+        raise UserError(f"{path}: label {labels.max()} is out of range; labels must be 0..C-1 with C at most "
+                        f"{limit}, its number of {counted}; {recreate}")
+    embeddings = embeddings.astype(np.float32)
     if not np.isfinite(embeddings).all():
-        raise UserError(f"{path}: embeddings contain NaN or infinite values; recreate it")
+        raise UserError(f"{path}: embeddings contain NaN or infinite values (or exceed float32); {recreate}")
     return embeddings, labels.astype(np.int64), meta
 
 

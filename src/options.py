@@ -10,32 +10,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
+import numbers
 from pathlib import Path
 from typing import Any, Iterable
 
-from src.cli import UserError
-
-SEED_LIMIT = 2 ** 32  # numpy and torch seeds must fit in 32 bits
-
+from src.cli import UserError, check_finite, number_text
 
 def option(default: Any, help: str, *, flags: tuple[str, ...] = (), kind: type | None = None, nargs: str | None = None,
            choices: Iterable[str] | None = None, required: bool = False, changes_results: bool = True,
            picks_release: bool = False, minimum: float | None = None, above: float | None = None,
-           below: float | None = None) -> Any:
+           maximum: float | None = None) -> Any:
     """A settings field that is also a flag.
 
     `changes_results` False marks where/how settings (device, folders, workers): a sweep
     output made with other such values is still current. `picks_release` marks an
     anonymizer setting that names its release file, so the probing scripts take it too.
-    Numbers must be finite and within `minimum` (inclusive), `above` and `below` (exclusive);
+    Numbers must be finite and within `minimum`, `maximum` (inclusive) and `above` (exclusive);
     `check_options` checks them, and the sweep checks config values against the same bounds.
     """
     kind = kind or (type(default) if default is not None and not isinstance(default, (list, tuple)) else str)
     metadata = {"help": help, "flags": flags, "kind": kind, "nargs": nargs, "required": required,
                 "choices": tuple(choices) if choices is not None else None, "changes_results": changes_results,
                 "picks_release": picks_release,
-                "bounds": {"minimum": minimum, "above": above, "below": below}}
+                "bounds": {"minimum": minimum, "above": above, "maximum": maximum}}
     if isinstance(default, list):
         default = tuple(default)
     return dataclasses.field(default=default, metadata=metadata)
@@ -128,33 +125,18 @@ def check_options(settings: Any) -> None:
     """Every numeric option of `settings` finite, whole where it is an int, and within its declared bounds."""
     for f in option_fields(type(settings)):
         if f.metadata["kind"] in (int, float):
+            flag = "/".join(f.metadata["flags"]) or f"--{f.name}"
             values = getattr(settings, f.name)
             for value in values if isinstance(values, tuple) else (values,):
-                check_number("/".join(f.metadata["flags"]) or f"--{f.name}", value, integer=f.metadata["kind"] is int,
-                             **f.metadata["bounds"])
+                if value is None:
+                    continue  # not given: the option's meaning when unset
+                if f.metadata["kind"] is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                    raise UserError(f"{flag} {value}: give a whole number")
+                check_finite(flag, value, **f.metadata["bounds"])
 
 
 def bounds_text(bounds: dict[str, float | None]) -> str:
-    """'>= 2', '> 0 and < 1': a field's bounds as the sweep's config errors state them."""
-    parts = [f"{sign} {_number_text(bounds[key])}" for key, sign in (("minimum", ">="), ("above", ">"), ("below", "<"))
-             if bounds[key] is not None]
+    """'>= 2', '> 0 and <= 1': a field's bounds as the sweep's config errors state them."""
+    signs = (("minimum", ">="), ("above", ">"), ("maximum", "<="))
+    parts = [f"{sign} {number_text(bounds[key])}" for key, sign in signs if bounds[key] is not None]
     return " and ".join(parts)
-
-
-def check_number(flag: str, value: float | None, *, minimum: float | None = None, above: float | None = None,
-                 below: float | None = None, integer: bool = False) -> None:
-    """Finite and in range, or a one-line UserError naming the flag (None means 'not given')."""
-    if value is None:
-        return
-    if integer and (isinstance(value, bool) or not isinstance(value, int)):
-        raise UserError(f"{flag} {value}: give a whole number")
-    if not math.isfinite(value):
-        raise UserError(f"{flag} {value}: give a finite number")
-    for bound, fails, text in ((minimum, lambda b: value < b, "at least"), (above, lambda b: value <= b, "above"),
-                               (below, lambda b: value >= b, "below")):
-        if bound is not None and fails(bound):
-            raise UserError(f"{flag} {value}: must be {text} {_number_text(bound)}")
-
-
-def _number_text(value: float) -> str:
-    return str(value) if float(value).is_integer() else f"{value:g}"

@@ -14,6 +14,7 @@ reuses a stale checkpoint.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Union
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from src.cli import UserError
+from src.cli import UserError, brief_reason
 from src.io import atomic_path, provenance, settings_key
 from src.runtime import one_cpu_thread
 
@@ -89,8 +90,13 @@ def train_probe(train_source: TrainSource, val_x: torch.Tensor, val_y: torch.Ten
             saved = torch.load(checkpoint, map_location=device, weights_only=True)
             model.load_state_dict(saved["state_dict"])
             history = saved["history"]
+            best_epoch = history["best_epoch"]
         except Exception as err:  # a damaged file can fail inside the unpickler with almost any type
-            raise UserError(f"cannot read probe checkpoint {checkpoint} ({err}); delete it to retrain") from err
+            raise UserError(f"cannot read probe checkpoint {checkpoint} ({brief_reason(err)}); "
+                            "delete it to retrain") from err
+        if best_epoch < 0:  # written before untrained probes were refused
+            raise UserError(f"probe checkpoint {checkpoint} holds a probe that never reached a finite validation "
+                            "loss; delete it to retrain")
         return model.eval(), history
 
     with one_cpu_thread():
@@ -118,11 +124,14 @@ def _fit(model: nn.Linear, train_source: TrainSource, val_x: torch.Tensor, val_y
         loss = validation_loss(model, val_x, val_y)
         history["val_loss"].append(loss)
         scheduler.step(loss)
-        if loss < best_loss:
+        if math.isfinite(loss) and loss < best_loss:
             best_loss, best_state, best_epoch = loss, copy.deepcopy(model.state_dict()), epoch
         bar.set_postfix(val_loss=f"{loss:.4f}")
         if epoch - best_epoch >= config.early_stopping_patience:
             break
+    if best_epoch < 0:  # the initial weights were never validated as a model: there is no result to report
+        raise UserError(f"the probe's validation loss was never finite (last {loss:g}) with -l/--lr {config.lr:g}; "
+                        "lower -l/--lr or check the embeddings for extreme values")
     model.load_state_dict(best_state)
     history["best_epoch"] = best_epoch
     return model, history

@@ -10,7 +10,7 @@ import numpy as np
 from src.anonymizers import Anonymizer, get_anonymizer
 from src.anonymizers.base import ReleaseInputs
 from src.cli import UserError
-from src.io import database_dir, file_fingerprint, load_database, provenance, save_database
+from src.io import check_output_folder, database_dir, file_fingerprint, load_database, provenance, save_database
 from src.naming import release_path
 from src.options import settings_record
 from src.runtime import resolve_device, seed_everything
@@ -42,6 +42,8 @@ def load_release_inputs(settings: StageSettings, anonymizer: Anonymizer) -> tupl
 def make_release(settings: AnonymizeSettings) -> Path:
     """Make the release the settings name and write it with its provenance; returns its path."""
     anonymizer = get_anonymizer(settings.anonymizer)
+    check_output_folder(settings.database_root, "--database_root")
+    check_output_folder(settings.ckpt_root, "--ckpt_root")
     device = resolve_device(settings.device)
     seed_everything(settings.seed)
     out_path = release_path(settings, anonymizer, settings.release)

@@ -8,7 +8,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from src.cli import UserError
+from src.cli import UserError, check_seed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -34,9 +34,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (and thereby random weight initialisation)."""
-    if seed < 0:
-        raise UserError(f"--seed {seed}: seeds must be 0 or more")
+    """Seed python, numpy and torch (and thereby random weight initialisation); numpy takes seeds in [0, 2^32)."""
+    check_seed("--seed", seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from src.anonymizers import ANONYMIZERS, get_anonymizer
-from src.cli import UserError
 from src.defaults import DEFAULT_ROOTS, PAPER_BACKBONE
-from src.options import SEED_LIMIT, check_options, option
+from src.cli import SEED_LIMIT, UserError
+from src.options import check_options, option
 
 NOISE_UNITS = ("released", "real")  # test noise in the released set's z-units (the reference) or the real train's
 
@@ -31,7 +31,7 @@ class StageSettings:
 
     dataset: str = option(None, "registry name, e.g. breastmnist, digits, imagefolder:PATH", kind=str, required=True)
     backbone: str = option(PAPER_BACKBONE, "timm name of the backbone that made the databases")
-    seed: int = option(42, "seed of everything random in the run", minimum=0, below=SEED_LIMIT)
+    seed: int = option(42, "seed of everything random in the run", minimum=0, maximum=SEED_LIMIT - 1)
     device: str = option("auto", "auto (CUDA, else MPS, else CPU), cpu or cuda", changes_results=False)
     database_root: Path = option(DEFAULT_ROOTS["database_root"], "where the databases are", changes_results=False)
     ckpt_root: Path = option(DEFAULT_ROOTS["ckpt_root"], "where trained models are cached", changes_results=False)
@@ -54,7 +54,7 @@ class CreateDbSettings:
     num_workers: int = option(min(8, os.cpu_count() or 1), "image-decoding worker processes", changes_results=False,
                              minimum=0)
     device: str = option("auto", "auto (CUDA, else MPS, else CPU), cpu or cuda", changes_results=False)
-    seed: int = option(42, "seed (names a random initialisation)", minimum=0, below=SEED_LIMIT)
+    seed: int = option(42, "seed (names a random initialisation)", minimum=0, maximum=SEED_LIMIT - 1)
     dataset_root: Path = option(DEFAULT_ROOTS["dataset_root"], "where the datasets are", changes_results=False)
     database_root: Path = option(DEFAULT_ROOTS["database_root"], "where the databases go", changes_results=False)
     download: bool = option(False, "fetch missing data where the source allows", changes_results=False)

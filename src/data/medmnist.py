@@ -18,7 +18,8 @@ import numpy as np
 from medmnist import INFO
 
 from src.data.base import DatasetOptions, ImageSplit, Loader
-from src.cli import UserError
+from src.cli import UserError, brief_reason
+from src.io import check_npz
 
 MEDMNIST_FLAGS = [flag for flag, info in INFO.items()
                   if issubclass(getattr(medmnist, info["python_class"]), medmnist.dataset.MedMNIST2D)]
@@ -60,12 +61,13 @@ def load_medmnist_split(flag: str, root: Path, split: str, options: DatasetOptio
     if not path.is_file():
         raise UserError(f"missing {path.name} in {folder}/: download it from the MedMNIST+ Zenodo record "
                         f"({info[size_key('url', options.size)]}) into that folder, or pass --download")
+    check_npz(path, "delete it and download it again")
     try:
         with np.load(path, allow_pickle=False) as npz:
             images = np.asarray(npz[f"{split}_images"])
             labels = np.asarray(npz[f"{split}_labels"])
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
-        raise UserError(f"cannot read {path} ({err}); delete it and download it again") from err
+        raise UserError(f"cannot read {path} ({brief_reason(err)}); delete it and download it again") from err
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.dtype != np.uint8 or labels.shape not in {(len(images),), (len(images), 1)}:

@@ -20,15 +20,14 @@ current), runner (running points), slurm (a job-array script instead).
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 from src.aggregate import aggregate
-from src.cli import UserError
+from src.cli import ArgumentParser, UserError
+from src.io import check_output_folder
 from src.sweep.config import REPO_ROOT, load_config
 from src.sweep.current import stale_reason
 from src.sweep.grid import expand
@@ -38,20 +37,8 @@ from src.sweep.slurm import slurm_script
 __all__ = ["REPO_ROOT", "expand", "load_config", "main", "stale_reason"]
 
 
-def writable_folder(folder: Path) -> Path:
-    """Create the folder and prove it takes files, before any work starts."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise UserError(f"output folder {folder} is not writable ({err.strerror}); "
-                        "choose another --output_root") from err
-    return folder
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path, help="sweep config, e.g. assets/configs/demo.yaml")
     parser.add_argument("--jobs", type=int, default=1, help="points run at once (default 1)")
     parser.add_argument("--slurm", type=Path, default=None,
@@ -66,7 +53,9 @@ def main() -> None:
     config = load_config(args.config)
     output_root = args.output_root.resolve() if args.output_root else Path(config.paths["output_root"])
     sweep_dir = output_root / "sweeps" / config.name  # relative to the repo root unless absolute
-    log_dir = writable_folder(REPO_ROOT / sweep_dir / "logs")
+    log_dir = REPO_ROOT / sweep_dir / "logs"
+    check_output_folder(log_dir, "--output_root")
+    log_dir.mkdir(parents=True, exist_ok=True)
     points = expand(config, sweep_dir / "results")
 
     if args.slurm is not None:

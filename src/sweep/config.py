@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from src.anonymizers import ANONYMIZERS, Anonymizer
-from src.cli import UserError
+from src.cli import UserError, brief_reason
 from src.defaults import DEFAULT_ROOTS
 from src.options import bounds_text, option_fields
 from src.settings import NOISE_UNITS, CreateDbSettings, ProbeSettings
@@ -84,10 +84,10 @@ class ConfigReader:
             hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
             raise self.fail(f"{where} must be {'an integer' if integer else 'a number'}, got {value!r}{hint}")
         bounds = bounds or {}
-        low, above, below = bounds.get("minimum"), bounds.get("above"), bounds.get("below")
+        low, above, high = bounds.get("minimum"), bounds.get("above"), bounds.get("maximum")
         if (not math.isfinite(value) or (low is not None and value < low) or (above is not None and value <= above)
-                or (below is not None and value >= below)):
-            limits = bounds_text({"minimum": low, "above": above, "below": below})
+                or (high is not None and value > high)):
+            limits = bounds_text({"minimum": low, "above": above, "maximum": high})
             raise self.fail(f"{where} must be finite{' and ' + limits if limits else ''}, got {value!r}")
         return value
 
@@ -160,11 +160,14 @@ def read_yaml(path: Path) -> object:
     except OSError as err:
         raise UserError(f"cannot read config {path}: {err.strerror}") from err
     except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
+        raise UserError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                        "save it as UTF-8") from err
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix the file") from err
+    except yaml.YAMLError as err:  # its text spans lines; the problem and where it is make one
+        mark = getattr(err, "problem_mark", None)
+        where = f"{err.problem}, line {mark.line + 1} column {mark.column + 1}" if mark else brief_reason(err)
+        raise UserError(f"{path} is not valid YAML ({where}); fix the file") from err
 
 
 def load_config(path: Path) -> SweepConfig:

@@ -19,6 +19,8 @@ def recorded(path: Path) -> dict | None:
     try:
         if path.suffix == ".json":
             record = json.loads(path.read_text())
+        elif not zipfile.is_zipfile(path):  # np.load would hand back an array for an .npy under this name
+            return None
         else:
             with np.load(path, allow_pickle=False) as npz:
                 record = json.loads(str(npz["meta"])) if "meta" in npz.files else {}
