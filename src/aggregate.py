@@ -27,9 +27,9 @@ import numpy as np
 from src.anonymizers import ANONYMIZERS, anonymizer_of_flag
 from src.cli import ArgumentParser, UserError, run_cli
 from src.io import atomic_path
-from src.metrics import EXTRA_PRIVACY_KEYS, FIDELITY_KEYS
+from src.result_keys import EXTRA_PRIVACY_KEYS, FIDELITY_KEYS, PAPER_KEYS
 from src.naming import parse_result_name
-TABLE_METRICS = ("auc", "average_mindistance", "dcr_p5", "dcr_p50", "mia_auc")  # the paper's utility + privacy
+TABLE_METRICS = PAPER_KEYS  # the paper's utility + privacy
 # the privacy and fidelity metrics users of synthcity / SDMetrics know, in a table of their own
 KNOWN_METRICS = (*EXTRA_PRIVACY_KEYS, *FIDELITY_KEYS)
 METRICS = (*TABLE_METRICS, "accuracy", "balanced_accuracy", "share_closer_than_real_nn",

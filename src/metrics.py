@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from src.cli import UserError
+from src.result_keys import EXTRA_PRIVACY_KEYS, FIDELITY_KEYS  # noqa: F401 (what privacy_metrics adds)
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -78,9 +79,6 @@ MIN_SPLIT_ROWS = NEIGHBOURS + 1
 # Band around a radius where the matmul-form squared distance is not trusted and the pair is recomputed directly:
 # its float32 error is ~2e-7 of |q|^2 + |r|^2 in practice, below the worst case d * 6e-8 up to d = 1,600.
 MATMUL_TOLERANCE = 1e-4
-
-EXTRA_PRIVACY_KEYS = ("exact_copy_share", "identifiability", "dcr_holdout_share", "mia_auc_density")
-FIDELITY_KEYS = ("precision", "recall", "density", "coverage")
 
 
 def squared_distance_tiles(queries: torch.Tensor, reference: torch.Tensor, block_size: int,
