@@ -90,8 +90,8 @@ pgrep -F /run/slurmd.pid >/dev/null 2>&1 || slurmd \
 deadline=$(( SECONDS + WAIT_S ))
 until node_up; do
   if (( SECONDS >= deadline )); then
-    give_up "node $NODE not idle after ${WAIT_S} s: sinfo says '$(timeout 5 sinfo -h -N -o '%t %E' 2>&1 | head -n 1)';" \
-      "logs in $LOG_DIR"
+    state=$(timeout 5 sinfo -h -N -o '%t %E' 2>&1 | head -n 1)
+    give_up "node $NODE not idle after ${WAIT_S} s: sinfo says '$state'; logs in $LOG_DIR"
   fi
   sleep 1
 done
