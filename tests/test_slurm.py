@@ -24,22 +24,31 @@ from src.backbones import create_backbone
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = "test_vit"  # timm's smallest ViT (0.3 M parameters), so extraction takes a second
 WAIT_S = 300  # for the four arrays; a safety net against a stuck cluster, not a speed check
+RESULTS = "output_root/sweeps/tiny/results"  # <output_root>/sweeps/<name>/results, relative to a run's folder
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
 
 
 def cluster_problem() -> str | None:
-    """Why no job could run here now, or None when a Slurm node takes jobs."""
-    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        return "no Slurm client (sinfo, sbatch) on PATH; .ci/slurm_up.sh starts a one-node cluster"
+    """Why no job could run here now, or None when a Slurm node runs a job step within seconds."""
+    if not all(shutil.which(command) for command in ("sinfo", "sbatch", "srun", "squeue", "scancel")):
+        return "no Slurm client (sinfo, sbatch, srun) on PATH; .ci/slurm_up.sh starts a one-node cluster as root"
     try:
-        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=10)
-    except subprocess.TimeoutExpired:
-        return "sinfo got no answer from slurmctld within 10 s"
-    states = done.stdout.split()
-    if done.returncode != 0 or not {"idle", "mix", "alloc"} & set(states):
-        reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"node states {states}"
-        return f"no Slurm node takes jobs ({reason})"
+        listing = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=15)
+        if listing.returncode != 0 or not {"idle", "mix", "alloc"} & set(listing.stdout.split()):
+            return f"no Slurm node takes jobs ({first_line(listing) or listing.stdout.split()})"
+        # the controller may still list a node whose slurmd is gone: run a step on it
+        step = subprocess.run(["srun", "--immediate=10", "--time=1", "--job-name=test-slurm-probe", "true"],
+                              capture_output=True, text=True, timeout=30)
+        if step.returncode != 0:
+            return f"the Slurm node does not run a job step ({first_line(step)})"
+    except subprocess.TimeoutExpired as timeout:
+        return f"{timeout.cmd[0]} got no answer within {timeout.timeout:g} s"
     return None
+
+
+def first_line(done: subprocess.CompletedProcess) -> str:
+    """What a failed Slurm command said first (its later lines are consequences)."""
+    return done.stderr.strip().splitlines()[0] if done.stderr.strip() else ""
 
 
 def write_weights(path: Path) -> Path:
@@ -101,6 +110,10 @@ def aggregated(results: Path, out: Path) -> dict[str, str]:
     return {path.name: path.read_text() for path in sorted(out.iterdir()) if path.suffix in (".md", ".csv", ".tex")}
 
 
+def result_files(root: Path) -> list[Path]:
+    return sorted(path.relative_to(root) for path in (root / RESULTS).rglob("*.json"))
+
+
 @pytest.mark.slow
 def test_sweep_submitted_to_slurm_matches_the_local_run(tmp_path):
     problem = cluster_problem()
@@ -108,28 +121,24 @@ def test_sweep_submitted_to_slurm_matches_the_local_run(tmp_path):
         pytest.skip(problem)
     weights = write_weights(tmp_path / f"{BACKBONE}.safetensors")
     on_slurm, local = tmp_path / "slurm", tmp_path / "local"
-    script = tmp_path / "sweep.sh"
-    run(sys.executable, "-m", "src.sweep", str(write_config(on_slurm, weights)), "--slurm", str(script))
-
-    job_name = f"test-slurm-{uuid.uuid4().hex[:8]}"  # sbatch takes SBATCH_JOB_NAME over the script's #SBATCH line
     local_log = tmp_path / "local.log"
     with open(local_log, "w") as log:  # the oracle runs meanwhile, on the cores the cluster's tasks leave free
         local_run = subprocess.Popen([sys.executable, "-m", "src.sweep", str(write_config(local, weights)),
                                       "--jobs", "1"], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    job_name = f"test-slurm-{uuid.uuid4().hex[:8]}"  # sbatch takes SBATCH_JOB_NAME over the script's #SBATCH line
     try:
+        script = tmp_path / "sweep.sh"
+        run(sys.executable, "-m", "src.sweep", str(write_config(on_slurm, weights)), "--slurm", str(script))
         run("bash", str(script), env={**os.environ, "SBATCH_JOB_NAME": job_name})
         states = wait_for_jobs(job_name, on_slurm)
+        assert len(states) == 6 and {state for _, state, _ in states} == {"COMPLETED"}, states
+        assert len(result_files(on_slurm)) == 4  # 2 anonymizers x sigmas {0, 1}
+        slurm_tables = aggregated(on_slurm / RESULTS, tmp_path / "tables-slurm")
         local_run.wait(timeout=WAIT_S)
     finally:
         subprocess.run(["scancel", "-n", job_name], capture_output=True, timeout=30)
         local_run.kill()
-    assert len(states) == 6 and {state for _, state, _ in states} == {"COMPLETED"}, states
     assert local_run.returncode == 0, local_log.read_text()
-
-    results = {root: sorted(path.relative_to(root) for path in (root / "output_root/sweeps/tiny").rglob("*.json"))
-               for root in (on_slurm, local)}
-    assert len(results[on_slurm]) == 4 and results[on_slurm] == results[local]  # 2 anonymizers x sigmas {0, 1}
-    # both through the CLI: the sweep's own tables list summary.csv rows in its point order, not file-name order
-    slurm_tables, local_tables = (aggregated(root / "output_root/sweeps/tiny/results", tmp_path / f"tables-{root.name}")
-                                  for root in (on_slurm, local))
-    assert "auc_sigma-1.csv" in slurm_tables and slurm_tables == local_tables
+    assert result_files(local) == result_files(on_slurm)
+    # through the CLI for both: the sweep's own tables list summary.csv rows in point order, not file-name order
+    assert "auc_sigma-1.csv" in slurm_tables and slurm_tables == aggregated(local / RESULTS, tmp_path / "tables-local")
