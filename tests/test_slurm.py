@@ -8,6 +8,7 @@ Only the command lines and the config format are used, so any sweep implementati
 """
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -124,7 +125,8 @@ def test_sweep_submitted_to_slurm_matches_the_local_run(tmp_path):
     local_log = tmp_path / "local.log"
     with open(local_log, "w") as log:  # the oracle runs meanwhile, on the cores the cluster's tasks leave free
         local_run = subprocess.Popen([sys.executable, "-m", "src.sweep", str(write_config(local, weights)),
-                                      "--jobs", "1"], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+                                      "--jobs", "1"], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # its own process group, stage scripts included
     job_name = f"test-slurm-{uuid.uuid4().hex[:8]}"  # sbatch takes SBATCH_JOB_NAME over the script's #SBATCH line
     try:
         script = tmp_path / "sweep.sh"
@@ -137,7 +139,9 @@ def test_sweep_submitted_to_slurm_matches_the_local_run(tmp_path):
         local_run.wait(timeout=WAIT_S)
     finally:
         subprocess.run(["scancel", "-n", job_name], capture_output=True, timeout=30)
-        local_run.kill()
+        if local_run.poll() is None:
+            os.killpg(local_run.pid, signal.SIGKILL)
+            local_run.wait()
     assert local_run.returncode == 0, local_log.read_text()
     assert result_files(local) == result_files(on_slurm)
     # through the CLI for both: the sweep's own tables list summary.csv rows in point order, not file-name order
