@@ -74,6 +74,7 @@ def write_config(root: Path, weights: Path) -> Path:
 
 
 def run(*command: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command from the repo root; a failure shows what it printed."""
     done = subprocess.run(list(command), cwd=REPO_ROOT, capture_output=True, text=True, **kwargs)
     assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done
@@ -112,6 +113,7 @@ def aggregated(results: Path, out: Path) -> dict[str, str]:
 
 
 def result_files(root: Path) -> list[Path]:
+    """A run's probe result files, relative to its folder so that two runs compare."""
     return sorted(path.relative_to(root) for path in (root / RESULTS).rglob("*.json"))
 
 
