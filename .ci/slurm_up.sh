@@ -23,8 +23,11 @@ node_up() {  # the controller answers and the node takes jobs
   [[ $state =~ ^(idle|mix|alloc)$ ]]
 }
 
+# The daemon named runs, by its pid file (the controller lists a node as idle for minutes after its slurmd died).
+running() { pgrep -F "/run/$1.pid" -x "$1" >/dev/null 2>&1; }
+
 [[ $(id -u) == 0 ]] || give_up "run as root to install and start the daemons"
-if command -v sinfo >/dev/null && node_up; then
+if command -v sinfo >/dev/null && running slurmctld && running slurmd && node_up; then
   echo "slurm_up: node $NODE already up"
   exit 0
 fi
@@ -82,9 +85,9 @@ NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory_mb State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 
-pgrep -F /run/slurmctld.pid >/dev/null 2>&1 || slurmctld \
+running slurmctld || slurmctld \
   || give_up "slurmctld did not start: $(tail -n 1 $LOG_DIR/slurmctld.log 2>/dev/null)"
-pgrep -F /run/slurmd.pid >/dev/null 2>&1 || slurmd \
+running slurmd || slurmd \
   || give_up "slurmd did not start: $(tail -n 1 $LOG_DIR/slurmd.log 2>/dev/null)"
 
 deadline=$(( SECONDS + WAIT_S ))
