@@ -17,6 +17,9 @@ what touches the private training set (add/remove-one adjacency, the setting of 
 
 The dataset size N is treated as public, as in opacus (it sets q) and in the non-DP synthetic set size.
 Noise comes from torch's and numpy's ordinary generators, not a cryptographic source (opacus's default too).
+By default they are seeded from the run's seed, so experiments are reproducible; but whoever knows
+that seed can regenerate the noise and the guarantee is void against them. A real release sets
+`secret_noise`: the noise is then seeded from OS entropy that is never stored.
 
 Per-sample clipping uses the closed form for Linear layers applied to one row per record
 ("ghost clipping"): a layer with input a_i and output gradient b_i has per-record weight gradient
@@ -27,6 +30,7 @@ to each layer's outputs, so per-record gradients are never materialised.
 from __future__ import annotations
 
 import math
+import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -57,7 +61,8 @@ class DPSettings:
     """Budget and mechanism settings of a DP-CVAE run, checked on construction (flag names in messages).
 
     delta None means `default_delta(N)`. count_share is the share of epsilon spent on the class
-    histogram (0 means uniform class counts at no cost); the rest goes to DP-SGD.
+    histogram (0 means uniform class counts at no cost); the rest goes to DP-SGD. secret_noise
+    draws the privacy noise from unrecorded OS entropy instead of the run's seed.
     """
 
     epsilon: float
@@ -66,6 +71,7 @@ class DPSettings:
     epochs: int = DEFAULT_DP_EPOCHS
     bounds: tuple[float, float] = DEFAULT_DP_BOUNDS
     count_share: float = DEFAULT_COUNT_SHARE
+    secret_noise: bool = False
 
     def __post_init__(self):
         if not (math.isfinite(self.epsilon) and self.epsilon > 0):
@@ -195,9 +201,10 @@ def train_cvae_dp(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, co
 
     The accounting dict (plain types, for .npz meta and result files) holds the target and spent
     epsilon, delta, the DP-SGD noise multiplier, sample rate, steps, clipping norm, accountant, the
-    public bounds and the released class counts (use them through `released_labels`). The bundle's
-    history is empty: per-epoch training losses are statistics of the private data outside the
-    mechanism. On CPU the same seed gives the same model.
+    public bounds, where the noise came from and the released class counts (use them through
+    `released_labels`). The bundle's history is empty: per-epoch training losses are statistics of
+    the private data outside the mechanism. On CPU the same seed gives the same model, unless
+    `dp.secret_noise`.
     """
     require_opacus()
     from opacus.accountants import create_accountant
@@ -212,9 +219,11 @@ def train_cvae_dp(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, co
     sample_rate, steps = 1 / batches_per_epoch, dp.epochs * batches_per_epoch
     noise_multiplier = calibrate_noise(dp.epsilon - count_epsilon, delta, sample_rate, steps)
 
-    seed_everything(seed)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    class_counts = dp_class_counts(train_y, num_classes, count_epsilon, num_samples, np.random.default_rng(seed))
+    seed_everything(seed)  # weight initialisation
+    noise_seed = secrets.randbits(63) if dp.secret_noise else seed
+    generator = torch.Generator(device=device).manual_seed(noise_seed)
+    class_counts = dp_class_counts(train_y, num_classes, count_epsilon, num_samples,
+                                   np.random.default_rng(noise_seed))
     scaler = public_scaler(dp.bounds, train_x.shape[1], device)
     x, onehot = scaled_tensors(scaler, train_x, train_y, num_classes, device)
     x.clamp_(0, 1)
@@ -239,6 +248,7 @@ def train_cvae_dp(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, co
         "sgd_epsilon": sgd_epsilon, "class_count_epsilon": count_epsilon, "noise_multiplier": noise_multiplier,
         "sample_rate": sample_rate, "steps": steps, "epochs": dp.epochs, "max_grad_norm": dp.max_grad_norm,
         "accountant": ACCOUNTANT, "bounds": [float(bound) for bound in dp.bounds],
+        "noise_seed": "secret" if dp.secret_noise else "the run's seed",
         "class_counts": class_counts.tolist(),
     }
     bundle = CVAEBundle(model, scaler, num_classes, config, history={}, best_epoch=dp.epochs)

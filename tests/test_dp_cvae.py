@@ -134,6 +134,16 @@ def test_seeded_runs_are_reproducible_on_cpu():
     assert not torch.equal(first.model.decoder[0].weight, other.model.decoder[0].weight)
 
 
+def test_secret_noise_is_not_the_seeds():
+    """With secret noise the seed fixes the initial weights only: two runs release different models."""
+    pytest.importorskip("opacus")
+    x, y = mixture(120, seed=3)
+    dp = DPSettings(epsilon=1.0, epochs=1, secret_noise=True)
+    (first, accounting), (second, _) = (train_cvae_dp(x, y, NUM_CLASSES, small_config(), dp, CPU, 5) for _ in range(2))
+    assert not torch.equal(first.model.decoder[0].weight, second.model.decoder[0].weight)
+    assert accounting["noise_seed"] == "secret"
+
+
 def test_bundle_generates_with_the_released_class_counts():
     pytest.importorskip("opacus")
     x, y = mixture(90, seed=4)
