@@ -46,7 +46,7 @@ from src.runtime import seed_everything
 
 ACCOUNTANT = "rdp"
 DEFAULT_MAX_GRAD_NORM = 1.0
-DEFAULT_DP_EPOCHS = 50
+DEFAULT_DP_EPOCHS = 100  # on a 1,000-record mixture: probe AUROC rose from 20 to 100 epochs, flat to 200
 # Public clipping range of every embedding feature. Data-independent: wide enough for the pooled,
 # layer-normalised features of ViT backbones at their usual scale, narrow enough to keep the
 # decoder's resolution. Pick it for another backbone from public data (e.g. a public image set
