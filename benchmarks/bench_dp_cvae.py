@@ -8,7 +8,10 @@
     Linear layers against opacus's GradSampleModule, which materialises every record's gradient
     (batch x 256 x 818 floats for the first layer). Both results are compared.
 
-    python benchmarks/bench_dp_cvae.py --size 5000 --epochs 3 --device auto
+    python benchmarks/bench_dp_cvae.py --size 5000 --epochs 3 --device auto [--threads 1]
+
+On a shared 2-core machine two torch threads make every small op wait for a descheduled thread
+(tens of ms a step, varying run to run); `--threads 1` gives steadier numbers there.
 """
 from __future__ import annotations
 
@@ -53,7 +56,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3, help="rounds, interleaved; the fastest is reported")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for everything timed (train_cvae_dp uses one for its steps anyway)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Optimal order")  # opacus's note on its alpha grid
     warnings.filterwarnings("ignore", message="Full backward hook")  # opacus's hooks on input-free layers
     device = resolve_device(args.device)

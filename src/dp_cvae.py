@@ -42,7 +42,7 @@ from torch import nn
 
 from src.cli import UserError
 from src.cvae import CVAE, CVAEBundle, CVAEConfig, MinMaxScaler, batch_loss, proportional_counts, scaled_tensors
-from src.runtime import seed_everything
+from src.runtime import one_cpu_thread, seed_everything
 
 ACCOUNTANT = "rdp"
 DEFAULT_MAX_GRAD_NORM = 1.0
@@ -231,15 +231,16 @@ def train_cvae_dp(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, co
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     accountant = create_accountant(mechanism=ACCOUNTANT)
     noise_std, expected_batch = noise_multiplier * dp.max_grad_norm, sample_rate * num_samples
-    for _ in range(steps):
-        rows = torch.rand(num_samples, device=device, generator=generator) < sample_rate
-        latent_noise = torch.randn(int(rows.sum()), config.latent_dim, device=device, generator=generator)
-        sums = clipped_gradient_sum(model, x[rows], onehot[rows], latent_noise, config, dp.max_grad_norm)
-        for parameter in model.parameters():
-            noise = torch.randn(parameter.shape, device=device, generator=generator)
-            parameter.grad = (sums[parameter] + noise_std * noise) / expected_batch
-        optimizer.step()
-        accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    with one_cpu_thread():  # a step is some 40 small ops: on a busy CPU a second thread costs more than it gives
+        for _ in range(steps):
+            rows = torch.rand(num_samples, device=device, generator=generator) < sample_rate
+            latent_noise = torch.randn(int(rows.sum()), config.latent_dim, device=device, generator=generator)
+            sums = clipped_gradient_sum(model, x[rows], onehot[rows], latent_noise, config, dp.max_grad_norm)
+            for parameter in model.parameters():
+                noise = torch.randn(parameter.shape, device=device, generator=generator)
+                parameter.grad = (sums[parameter] + noise_std * noise) / expected_batch
+            optimizer.step()
+            accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
     model.eval()
 
     sgd_epsilon = max(0.0, accountant.get_epsilon(delta=delta))  # below 0 the bound says (0, delta)-DP
