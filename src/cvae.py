@@ -167,7 +167,7 @@ class CVAEBundle:
         return self
 
 
-def _scaled_tensors(scaler: MinMaxScaler, x: np.ndarray, y: np.ndarray, num_classes: int,
+def scaled_tensors(scaler: MinMaxScaler, x: np.ndarray, y: np.ndarray, num_classes: int,
                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings scaled to [0, 1] and one-hot labels, as tensors on the device."""
     x_scaled = scaler.transform(torch.as_tensor(x, dtype=torch.float32, device=device))
@@ -189,8 +189,8 @@ def train_cvae(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
     seed_everything(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     scaler = MinMaxScaler.fit(torch.as_tensor(train_x, dtype=torch.float32, device=device))
-    x, onehot = _scaled_tensors(scaler, train_x, train_y, num_classes, device)
-    val, val_onehot = _scaled_tensors(scaler, val_x, val_y, num_classes, device)
+    x, onehot = scaled_tensors(scaler, train_x, train_y, num_classes, device)
+    val, val_onehot = scaled_tensors(scaler, val_x, val_y, num_classes, device)
     val_noise = fixed_noise(len(val), config.latent_dim, seed, device)
 
     model = CVAE(x.shape[1], num_classes, config.hidden_dim, config.latent_dim).to(device)
@@ -230,7 +230,7 @@ def train_cvae(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
 
 def evaluate_loss(bundle: CVAEBundle, x: np.ndarray, y: np.ndarray, seed: int) -> float:
     """Per-sample loss of raw embeddings under the bundle, with the noise training used for validation."""
-    x_scaled, onehot = _scaled_tensors(bundle.scaler, x, y, bundle.num_classes, bundle.device)
+    x_scaled, onehot = scaled_tensors(bundle.scaler, x, y, bundle.num_classes, bundle.device)
     noise = fixed_noise(len(x_scaled), bundle.config.latent_dim, seed, bundle.device)
     return mean_loss(bundle.model, x_scaled, onehot, noise, bundle.config)
 
@@ -298,12 +298,15 @@ def generate(bundle: CVAEBundle, labels: torch.Tensor, variance: float,
 
 
 def class_counts(train_labels: np.ndarray, num_classes: int, total: int | None = None) -> np.ndarray:
-    """Samples per class: the training counts, or `total` split in the same proportions
-    (largest remainders, so the counts add up to exactly `total`)."""
+    """Samples per class: the training counts, or `total` split in the same proportions."""
     counts = np.bincount(train_labels, minlength=num_classes)
-    if total is None:
-        return counts
-    exact = counts * total / counts.sum()
+    return counts if total is None else proportional_counts(counts, total)
+
+
+def proportional_counts(weights: np.ndarray, total: int) -> np.ndarray:
+    """`total` split in proportion to non-negative `weights` (largest remainders, so the
+    counts add up to exactly `total`)."""
+    exact = weights * total / weights.sum()
     scaled = np.floor(exact).astype(np.int64)
     scaled[np.argsort(scaled - exact)[:total - scaled.sum()]] += 1
     return scaled
