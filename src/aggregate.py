@@ -31,7 +31,7 @@ from src.result_keys import EXTRA_PRIVACY_KEYS, FIDELITY_KEYS, PAPER_KEYS
 from src.naming import parse_result_name
 TABLE_METRICS = PAPER_KEYS  # the paper's utility + privacy
 # the privacy and fidelity metrics users of synthcity / SDMetrics know, in a table of their own
-KNOWN_METRICS = (*EXTRA_PRIVACY_KEYS, *FIDELITY_KEYS)
+KNOWN_METRICS = (*EXTRA_PRIVACY_KEYS, *FIDELITY_KEYS, "dp_spent_epsilon")
 METRICS = (*TABLE_METRICS, "accuracy", "balanced_accuracy", "share_closer_than_real_nn",
            "average_mindistance_reference_space", *KNOWN_METRICS)
 PRIVACY_AXES = ("average_mindistance", "mia_auc")  # y axes of the privacy-utility plot

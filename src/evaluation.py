@@ -45,6 +45,7 @@ class ProbeData:
     test_y: np.ndarray
     num_classes: int
     inputs: dict[str, str]
+    released_meta: dict  # what the release's maker recorded (e.g. a DP release's accounting)
 
 
 def load_probe_data(database_root: Path, dataset: str, backbone: str,
@@ -53,11 +54,12 @@ def load_probe_data(database_root: Path, dataset: str, backbone: str,
     paths = database_paths(database_root, dataset, backbone)
     make_db = f"python create_db.py --dataset {dataset} --backbone {backbone}"
     splits = {split: load_database(path, make_db)[:2] for split, path in paths.items()}
+    released_meta: dict = {}
     if released_path is None or Path(released_path) == paths["train"]:
         released_path = paths["train"]
         released_x, released_y = splits["train"]
     else:
-        released_x, released_y = load_database(released_path, released_hint)[:2]
+        released_x, released_y, released_meta = load_database(released_path, released_hint)
 
     dims = {path: x.shape[1] for path, (x, _) in [*zip(paths.values(), splits.values()),
                                                    (released_path, (released_x, released_y))]}
@@ -77,7 +79,8 @@ def load_probe_data(database_root: Path, dataset: str, backbone: str,
     return ProbeData(released_x, released_y, *splits["train"], *splits["val"], *splits["test"],
                      num_classes=max(int(y.max()) for y in labels) + 1,
                      inputs={str(path): file_fingerprint(path)
-                             for path in dict.fromkeys([*paths.values(), released_path])})
+                             for path in dict.fromkeys([*paths.values(), released_path])},
+                     released_meta=released_meta)
 
 
 @dataclass
@@ -107,7 +110,15 @@ def released_training_set(settings: ProbeSettings, data: ProbeData) -> TrainingS
                        data.released_y, mean, std,
                        {"train": array_fingerprint(data.released_x, data.released_y),
                         "val": array_fingerprint(data.val_x, data.val_y)},
-                       {"n_released": len(data.released_x)})
+                       {"n_released": len(data.released_x), **dp_record(data.released_meta)})
+
+
+def dp_record(made: dict) -> dict:
+    """A DP release's accounting for result files, its target and spent epsilon also as table columns."""
+    if "dp" not in made:
+        return {}
+    return {"dp": made["dp"], "dp_target_epsilon": made["dp"]["target_epsilon"],
+            "dp_spent_epsilon": made["dp"]["spent_epsilon"]}
 
 
 def utility_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -225,7 +236,8 @@ def online_training_set(settings: ProbeSettings, data: ProbeData, device: torch.
     anonymizer = get_anonymizer(settings.anonymizer)
     inputs = ReleaseInputs(data.train_x, data.train_y, data.val_x, data.val_y, data.num_classes,
                            database_dir(settings.ckpt_root, settings.dataset, settings.backbone))
-    draw, key = anonymizer.sampler(inputs, settings.release, settings.making, settings.online, settings.seed, device)
+    draw, key, trained = anonymizer.sampler(inputs, settings.release, settings.making, settings.online,
+                                            settings.seed, device)
     epoch_x, epoch_y = (tensor.cpu().numpy() for tensor in draw(0))
     count = len(data.train_y)
     whole_epoch = released_privacy(epoch_x, data, settings.seed, device)
@@ -233,7 +245,7 @@ def online_training_set(settings: ProbeSettings, data: ProbeData, device: torch.
     return TrainingSet(anonymizer.flag(settings.release, online=True), draw, epoch_x[:count].copy(),
                        epoch_y[:count].copy(), mean, std,
                        {**key, "zscore": "real train", "val": array_fingerprint(data.val_x, data.val_y)},
-                       {"n_released": len(epoch_x), "n_privacy": count,
+                       {"n_released": len(epoch_x), "n_privacy": count, **dp_record(trained),
                         **{f"{name}_epoch": value for name, value in whole_epoch.items()}})
 
 

@@ -26,7 +26,7 @@ SCRIPTS = ("create_db.py", "anonymize.py", "probing.py", "probing_noise.py", "pr
 
 def example_releases(anonymizer) -> list:
     """Release settings that vary every field away from its default (and the defaults themselves)."""
-    examples = {"k": [2, 10], "variance": [1.0, 0.5], "reference_objective": [False, True]}
+    examples = {"k": [2, 10], "variance": [1.0, 0.5], "reference_objective": [False, True], "dp_epsilon": [None, 1.5]}
     fields = option_fields(anonymizer.Release)
     releases = [anonymizer.Release(**{f.name: examples[f.name][0] for f in fields})]
     for f in fields:
@@ -71,8 +71,9 @@ def test_recorded_settings_are_the_settings_fields(script):
                                      "output_root", "lr", "epochs", "batch_size", "anonymizer", "sigma", "noise_units"},
                 "probing_noise_cvae.py": {"dataset", "backbone", "seed", "device", "database_root", "ckpt_root",
                                           "output_root", "lr", "epochs", "batch_size", "anonymizer", "sigma",
-                                          "noise_units", "variance", "reference_objective", "max_epochs",
-                                          "online_factor"}}[script]
+                                          "noise_units", "variance", "reference_objective", "dp_epsilon",
+                                          "max_epochs", "dp_delta", "max_grad_norm", "dp_epochs", "dp_bounds",
+                                          "dp_count_share", "dp_secret_noise", "online_factor"}}[script]
     assert set(record) == expected
     json.dumps(record)  # records are plain JSON
     assert module.outputs(settings)

@@ -95,9 +95,9 @@ def test_shipped_configs_expand_to_their_grids(tmp_path):
     (tmp_path / "stand-in.safetensors").write_bytes(b"weights")
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(demo_config))
     demo = expand(load_config(tmp_path / "demo.yaml"), Path("results"))
-    # 1 create_db, 3 k-Same + 3 CVAE anonymizations, (identity, 3 k-Same, cvae) x 3 seeds probes and noise
-    # probes, 3 online probes
-    assert len(demo) == 1 + 6 + 15 + 15 + 3
+    # 1 create_db, 3 k-Same + 3 x 3 CVAE anonymizations (no DP, epsilon 1 and 8), (identity, 3 k-Same, 3 CVAEs)
+    # x 3 seeds probes and noise probes, 3 online probes
+    assert len(demo) == 1 + 12 + 21 + 21 + 3
     paper = expand(load_config(REPO_ROOT / "assets/configs/paper.yaml"), Path("results"))
     assert len(paper) == 8 * (1 + 3 + 5 + 5 * 5 + 5 * 5 + 5)
     for points in (demo, paper):
