@@ -3,14 +3,18 @@ statistic outside the budget, on small Gaussian-mixture embeddings."""
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from cli_checks import assert_one_line_error  # tests/cli_checks.py
 from src.cli import UserError
 from src.cvae import CVAE, CVAEConfig, OnlineSampler, batch_loss, evaluate_loss, generate_offline
+from src.io import save_database
 from src.dp_cvae import (DPSettings, clipped_gradient_sum, default_delta, dp_class_counts, released_labels,
                          train_cvae_dp)
 
@@ -210,3 +214,28 @@ def test_missing_opacus_is_a_user_error_saying_how_to_install(monkeypatch):
     x, y = mixture(50, seed=0)
     with pytest.raises(UserError, match="pip install opacus"):
         train_cvae_dp(x, y, NUM_CLASSES, small_config(), DPSettings(epsilon=1.0), CPU, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, fragments", [
+    (["--dp_epsilon", "0"], ["--dp_epsilon"]),
+    (["--dp_epsilon", "nan"], ["--dp_epsilon"]),
+    (["--dp_epsilon", "1", "--dp_delta", "1.5"], ["--dp_delta"]),
+    (["--dp_epsilon", "1", "--dp_delta", "0.1"], ["--dp_delta", "1/N"]),
+    (["--dp_epsilon", "1", "--max_grad_norm", "0"], ["--max_grad_norm"]),
+    (["--dp_epsilon", "1", "--reference_objective"], ["--reference_objective", "--dp_epsilon"]),
+    (["--dp_epsilon", "1e-9", "--dp_delta", "1e-9"], ["--dp_epsilon"]),
+])
+def test_dp_flags_refuse_bad_budgets_in_one_line_and_write_nothing(tmp_path, args, fragments):
+    folder = tmp_path / "toy" / "tiny"
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 53), ("val", 20)):
+        labels = np.arange(count) % 2
+        save_database(folder / f"{split}.npz", rng.normal(size=(count, 8)) + 3.0 * labels[:, None], labels, {})
+    before = sorted(path.name for path in folder.iterdir())
+    result = subprocess.run([sys.executable, "anonymize.py", "--dataset", "toy", "--backbone", "tiny", "--device",
+                             "cpu", "--database_root", str(tmp_path), "--ckpt_root", str(tmp_path / "ckpts"),
+                             "--anonymizer", "cvae", *args], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True)
+    assert_one_line_error(result, *fragments)
+    assert sorted(path.name for path in folder.iterdir()) == before and not (tmp_path / "ckpts").exists()

@@ -247,3 +247,29 @@ def test_online_cvae_cli_trains_on_fresh_samples_and_measures_them(tmp_path):
     assert len(list((tmp_path / "ckpts").glob("**/cvae-*.pt"))) == 1
     assert_one_line_error(run_script("probing_noise_cvae.py", *common_args(tmp_path), "--variance", "0",
                                      "--sigma", "1"), "--variance")
+
+
+@pytest.mark.slow
+def test_real_unit_noise_judges_a_rescaled_release_like_the_real_set(tmp_path):
+    """A release that is the real set scaled by 0.5 trains the same probe (z-scores ignore scale) but, in its own
+    z-units, meets half the real noise: the same AUC as the real set under real-unit noise, a higher one under
+    released-unit noise."""
+    folder = tmp_path / "db" / "toy" / "bb"
+    for split, n, seed in [("train", 300, 1), ("val", 100, 2), ("test", 400, 3)]:
+        x, y = gaussian_classes(n, dim=8, classes=2, spread=4.0, seed=seed)
+        save_database(folder / f"{split}.npz", x, y, {"split": split})
+    train_x, train_y = gaussian_classes(300, dim=8, classes=2, spread=4.0, seed=1)
+    save_database(folder / "train_ksame-2.npz", 0.5 * train_x, train_y, {})  # any release name will do
+    noise = ["--sigma", "2", "--noise_units", "released", "real"]
+    aucs = {}
+    for flags in (["--anonymizer", "identity"], ["--anonymizer", "ksame", "--k", "2"]):
+        result = run_script("probing_noise.py", *common_args(tmp_path), *flags, *noise)
+        assert result.returncode == 0, result.stderr
+    for name in ("identity", "ksame-2"):
+        for units, suffix in (("released", ""), ("real", "-real")):
+            record = json.loads((tmp_path / "logs" / "toy" / f"toy_{name}-s42_sigma-2{suffix}.json").read_text())
+            assert record["noise_units"] == units
+            aucs[name, units] = record["auc"]
+    assert aucs["identity", "released"] == aucs["identity", "real"]  # the real set's own units are real units
+    assert abs(aucs["ksame-2", "real"] - aucs["identity", "real"]) < 0.1, aucs
+    assert aucs["ksame-2", "released"] > aucs["identity", "released"] + 2
