@@ -87,7 +87,7 @@ class CVAEAnonymizer(Anonymizer):
     def column_order(self, flag: str) -> tuple:
         release = self.parse_flag(flag)
         return (self.is_online(flag), release.reference_objective, release.dp_epsilon is not None,
-                -(release.dp_epsilon or 0), release.variance)
+                release.dp_epsilon or 0, release.variance)
 
     def is_online(self, flag: str) -> bool:
         match = re.fullmatch(self.flag_pattern, flag)
