@@ -24,7 +24,7 @@ from src.anonymizers.base import ReleaseInputs
 from src.cli import UserError
 from src.io import (array_fingerprint, check_output_folder, database_dir, database_paths, file_fingerprint,
                     load_database, provenance, write_json)
-from src.metrics import accuracy, auroc, balanced_accuracy, nearest_neighbours, privacy_metrics
+from src.metrics import accuracy, auroc, balanced_accuracy, check_sizes, nearest_neighbours, privacy_metrics
 from src.naming import release_hint, release_path, result_paths
 from src.options import settings_record
 from src.probe import ProbeConfig, TrainSource, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
@@ -76,6 +76,7 @@ def load_probe_data(database_root: Path, dataset: str, backbone: str,
         if unseen:
             raise UserError(f"{paths[split]} has labels {unseen} absent from the training set {released_path}; "
                             "the probe cannot learn them, recreate the training set with every class")
+    check_sizes(released_x, splits["train"][0], splits["test"][0], splits["val"][0])  # before any training
     return ProbeData(released_x, released_y, *splits["train"], *splits["val"], *splits["test"],
                      num_classes=max(int(y.max()) for y in labels) + 1,
                      inputs={str(path): file_fingerprint(path)

@@ -179,12 +179,19 @@ def random_rows(rows: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     return rows[keep.to(rows.device)]
 
 
-def require_rows(sets: dict[str, tuple[torch.Tensor, str]]) -> None:
+def require_rows(sets: dict[str, tuple[object, str]]) -> None:
     """Raise UserError for a set too small for the k-NN metrics, saying what to do about it."""
     for name, (rows, remedy) in sets.items():
         if len(rows) < MIN_SPLIT_ROWS:
             raise UserError(f"the {name} has {len(rows)} rows but the privacy and fidelity metrics need at least "
                             f"{MIN_SPLIT_ROWS}; {remedy}")
+
+
+def check_sizes(released: object, real_train: object, real_test: object, real_val: object) -> None:
+    """Every set large enough for the k-NN metrics (arrays or tensors), checked by the probes before training."""
+    require_rows({"released set": (released, f"release at least {MIN_SPLIT_ROWS} vectors"),
+                  **{f"real {split} split": (rows, f"use a dataset whose {split} split holds more records")
+                     for split, rows in (("train", real_train), ("test", real_test), ("val", real_val))}})
 
 
 def privacy_metrics(released: torch.Tensor, real_train: torch.Tensor, real_test: torch.Tensor,
@@ -224,9 +231,7 @@ def privacy_metrics(released: torch.Tensor, real_train: torch.Tensor, real_test:
 
     Every set needs at least MIN_SPLIT_ROWS rows, else UserError.
     """
-    require_rows({"released set": (released, f"release at least {MIN_SPLIT_ROWS} vectors"),
-                  **{f"real {split} split": (rows, f"use a dataset whose {split} split holds more records")
-                     for split, rows in (("train", real_train), ("test", real_test), ("val", real_val))}})
+    check_sizes(released, real_train, real_test, real_val)
     k = NEIGHBOURS
     dcr = neighbour_distances(released, real_train, 1, block_size)[:, 0].astype(np.float64)
     real_nn = neighbour_distances(real_train, real_train, k, block_size, exclude_self=True)

@@ -273,3 +273,14 @@ def test_real_unit_noise_judges_a_rescaled_release_like_the_real_set(tmp_path):
     assert aucs["identity", "released"] == aucs["identity", "real"]  # the real set's own units are real units
     assert abs(aucs["ksame-2", "real"] - aucs["identity", "real"]) < 0.1, aucs
     assert aucs["ksame-2", "released"] > aucs["identity", "released"] + 2
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_holdout_too_small_for_the_metrics_before_training(tmp_path):
+    folder = write_databases(tmp_path / "db")
+    x, y = gaussian_classes(5, dim=8, seed=3)
+    save_database(folder / "test.npz", x, np.arange(5) % 2, {})
+    assert_user_error(run_script("probing_noise.py", *common_args(tmp_path), "--sigma", "1", "--noise_units", "real"),
+                      tmp_path, "test split has 5 rows")
+    assert_user_error(run_script("probing_noise.py", *common_args(tmp_path), "--sigma", "1", "--noise_units", "sun"),
+                      tmp_path, "--noise_units", "see")
