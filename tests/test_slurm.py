@@ -136,7 +136,7 @@ def test_sweep_submitted_to_slurm_matches_the_local_run(tmp_path):
         run("bash", str(script), env={**os.environ, "SBATCH_JOB_NAME": job_name})
         states = wait_for_jobs(job_name, on_slurm)
         assert len(states) == 6 and {state for _, state, _ in states} == {"COMPLETED"}, states
-        assert len(result_files(on_slurm)) == 4  # 2 anonymizers x sigmas {0, 1}
+        assert len(result_files(on_slurm)) == 6  # 2 anonymizers x (sigma 0, sigma 1 in both noise units)
         slurm_tables = aggregated(on_slurm / RESULTS, tmp_path / "tables-slurm")
         local_run.wait(timeout=WAIT_S)
     finally:
