@@ -125,6 +125,12 @@ def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b:
     return tuple(out)
 
 
+def _float32_norms_and_slack(x: torch.Tensor, x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared norms of the float32 rows and their distances to the float64 rows they round."""
+    x32_as64 = x32.double()
+    return x32_as64.square().sum(1), (x32_as64 - x).square_().sum(1).sqrt_()
+
+
 class _LivePoints:
     """The unassigned points packed together (float64 and float32 copies), for the bulk products.
 
@@ -135,8 +141,7 @@ class _LivePoints:
         self.rows = rows  # original row index of each packed row
         self.x64, self.sq64 = x[rows], sq_norms[rows]
         self.x32 = self.x64.float()
-        self.sq32 = self.x32.double().square().sum(1)
-        self.slack32 = (self.x32.double() - self.x64).square_().sum(1).sqrt_()
+        self.sq32, self.slack32 = _float32_norms_and_slack(self.x64, self.x32)
         self.alive = torch.ones(rows.numel(), dtype=torch.bool, device=x.device)
         self.position = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
         self.position[rows] = torch.arange(rows.numel(), device=x.device)
@@ -147,21 +152,29 @@ class _LivePoints:
         return _LivePoints(x, sq_norms, self.rows[self.alive])
 
 
+def _beats(value: float, bound: float) -> bool:
+    """Whether an exact sum is certainly larger than every sum bounded by `bound`."""
+    return bound == -np.inf or value > bound + SUM_MARGIN * abs(bound)
+
+
 class _DistanceSums:
     """Each live group's summed distance to the unassigned points, for picking the pivot.
 
-    A top set of the largest sums is kept exact in float64, updated every step (top set x k
-    distances). The other groups hold float32 estimates with certified error bounds, brought up to
-    date together (one float32 product with the points assigned since) only when the top set can
-    no longer certify the maximum; estimate + bound is then an upper bound of the true sum. Groups
-    entering the top set get their exact sum from one float64 pass over the unassigned points,
+    Three tiers, each brought up to date only when the one above can no longer certify the maximum:
+    - top: the largest sums, exact in float64, updated every step (top x k distances);
+    - middle (mid_factor x larger): float32 estimates with certified error bounds, updated together
+      (one product with the rows assigned since) every few steps;
+    - all others: the same estimates, updated in one wide float32 product every few dozen steps.
+    An estimate + its bound is an upper bound of the true sum, since sums only shrink. Groups
+    entering the top tier get their exact sum from one float64 pass over the unassigned points,
     which also gives their list of nearest points for the neighbour search.
     """
 
     def __init__(self, x: torch.Tensor, sq_norms: torch.Tensor, first_copy: torch.Tensor, top_size: int,
-                 list_length: int, block_size: int) -> None:
+                 list_length: int, block_size: int, mid_factor: int = 8) -> None:
         self.x, self.sq_norms, self.first_copy = x, sq_norms, first_copy
         self.default_top_size = self.top_size = top_size
+        self.default_mid_size = self.mid_size = mid_factor * top_size
         self.threads = torch.get_num_threads()
         self.list_length, self.block_size = list_length, block_size
         self.error64 = gram_error_factor(x.shape[1], F64_UNIT)
@@ -171,12 +184,14 @@ class _DistanceSums:
         self.sums, self.bounds = self._initial_sums()
         self.sums[first_copy != torch.arange(n, device=x.device)] = -torch.inf  # copies: kept at the first
         self.live = int(torch.isfinite(self.sums).sum())
-        self.pending: list[torch.Tensor] = []
-        self.top = torch.zeros(0, dtype=torch.long, device=x.device)
+        self.pending: list[torch.Tensor] = []  # assigned since the last update of all estimates
+        self.mid_pending: list[torch.Tensor] = []  # assigned since the last update of the middle tier
+        empty = torch.zeros(0, dtype=torch.long, device=x.device)
+        self.top, self.mid = empty, empty
         self.top_exact = torch.zeros(0, dtype=torch.float64, device=x.device)
         self.lists: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
         self.slots: dict[int, int] = {}
-        self.outside = np.inf
+        self.outside = self.mid_outside = np.inf  # largest bound outside the middle tier / inside it
 
     def _initial_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 sums over all pairs with their bounds, each pair of row blocks visited once."""
@@ -204,15 +219,23 @@ class _DistanceSums:
     def best_groups(self) -> list[int]:
         """Groups whose sums are within rounding of the largest (usually one)."""
         while True:
-            if self.top.numel():
-                best = self.top_exact.max().item()
-                if self.outside == -np.inf or best > self.outside + SUM_MARGIN * abs(self.outside):
-                    return self.top[self.top_exact >= best - SUM_MARGIN * abs(best)].tolist()
-            if self.pending:
-                self.top_size = self.default_top_size
-            elif self.top.numel():  # the exact sums fell below an outside bound: widen the top set
-                self.top_size *= 2
-            self._refresh()
+            best = self.top_exact.max().item() if self.top.numel() else -np.inf
+            beaten_inside = not _beats(best, self.mid_outside)
+            if _beats(best, self.outside) and not beaten_inside:
+                return self.top[self.top_exact >= best - SUM_MARGIN * abs(best)].tolist()
+            with cpu_threads(self.threads):  # large products: worth every thread, unlike the steps
+                if beaten_inside and self.top.numel():
+                    if not self.mid_pending:  # exact sums fell below a bound in the middle tier
+                        self.top_size *= 2
+                    self._update_mid()
+                else:
+                    if self.pending:
+                        self.top_size, self.mid_size = self.default_top_size, self.default_mid_size
+                    elif self.top.numel():  # below a bound outside the middle tier
+                        self.mid_size *= 2
+                    self._update_all()
+                    self._choose_mid()
+                self._choose_top()
 
     def neighbour_list(self, group: int) -> tuple[np.ndarray, np.ndarray, float]:
         """The group's listed nearest points, their squared distances, and a squared distance
@@ -231,7 +254,7 @@ class _DistanceSums:
         rows = torch.as_tensor(members, device=self.x.device)
         distances = squared_distances(self.top_x, self.top_sq_norms, self.x[rows], self.sq_norms[rows]).sqrt_()
         for column, group in enumerate(member_groups.tolist()):
-            if group in self.slots:  # a copy of a top-set vector: exactly 0
+            if group in self.slots:  # a copy of a top-tier vector: exactly 0
                 distances[self.slots[group], column] = 0.0
         self.top_exact -= distances.sum(1)
         if dead_groups:
@@ -241,42 +264,88 @@ class _DistanceSums:
             self.live -= len(dead_groups)
         self.packed.alive[self.packed.position[rows]] = False
         self.pending.append(rows)
+        self.mid_pending.append(rows)
 
-    def _refresh(self) -> None:
-        """Bring the estimates up to date and re-choose the top set; only its newcomers are computed."""
-        with cpu_threads(self.threads):  # large products: worth every thread, unlike the steps
-            self._refresh_top_set()
+    def _subtract(self, groups: torch.Tensor, assigned: list[torch.Tensor]) -> None:
+        """The float32 estimates of `groups` lose their distances to the `assigned` rows."""
+        if not assigned:
+            return
+        cols = torch.cat(assigned)
+        cols_x = self.x[cols].float()
+        cols_sq, cols_slack = _float32_norms_and_slack(self.x[cols], cols_x)
+        for start in range(0, groups.numel(), self.block_size):
+            rows = groups[start:start + self.block_size]
+            rows_x = self.x[rows].float()
+            rows_sq, rows_slack = _float32_norms_and_slack(self.x[rows], rows_x)
+            total, bound = _bounded_sums(rows_x, rows_sq, rows_slack, cols_x, cols_sq, cols_slack, self.error32,
+                                         False, False)
+            self.sums[rows] -= total
+            self.bounds[rows] += bound
 
-    def _refresh_top_set(self) -> None:
+    def _update_mid(self) -> None:
+        self._subtract(self.mid, self.mid_pending)
+        self.mid_pending = []
+
+    def _update_all(self) -> None:
+        """All estimates up to date: the middle tier from its own pending rows, the rest in one wide
+        product over the packed unassigned points (whose middle-tier rows are left as they were)."""
+        self._update_mid()
         if self.pending:
-            self._subtract_pending()
+            p = self.packed
+            cols = p.position[torch.cat(self.pending)]
+            in_mid = torch.zeros(self.x.shape[0], dtype=torch.bool, device=self.x.device)
+            in_mid[self.mid] = True
+            for start in range(0, p.rows.numel(), self.block_size):
+                rows = slice(start, start + self.block_size)
+                total, bound = _bounded_sums(p.x32[rows], p.sq32[rows], p.slack32[rows], p.x32[cols], p.sq32[cols],
+                                             p.slack32[cols], self.error32, False, False)
+                keep = ~in_mid[p.rows[rows]]
+                self.sums[p.rows[rows][keep]] -= total[keep]
+                self.bounds[p.rows[rows][keep]] += bound[keep]
+            self.pending = []
+            self.packed = p.packed_if_sparse(self.x, self.sq_norms)
+
+    def _keys(self) -> torch.Tensor:
+        """Upper bounds of every group's current sum (exact for the top tier; -inf when dead)."""
+        keys = self.sums + self.bounds
         live_top = torch.isfinite(self.top_exact)
-        self.sums[self.top[live_top]] = self.top_exact[live_top]  # members keep their exact sums
-        self.bounds[self.top[live_top]] = 0.0
+        keys[self.top] = -torch.inf
+        keys[self.top[live_top]] = self.top_exact[live_top]
+        return keys
+
+    def _choose_mid(self) -> None:
+        """The middle tier: the largest bounds outside the top tier (all estimates up to date)."""
+        keys = self._keys()
+        keys[self.top] = -torch.inf
+        self.mid = keys.topk(min(self.mid_size, self.live)).indices
+        self.mid = self.mid[torch.isfinite(keys[self.mid])]
+        keys[self.mid] = -torch.inf
+        self.outside = keys.max().item() if keys.numel() else -np.inf
+
+    def _choose_top(self) -> None:
+        """Re-choose the top tier from itself and the middle tier (both up to date); members stay,
+        newcomers get exact sums and lists."""
+        keys = self._keys()
+        members = self.top[torch.isfinite(self.top_exact)]
+        member_exact = keys[members]
         size = min(self.top_size, self.live)
-        ranked_keys, ranked = (self.sums + self.bounds).topk(min(size + 1, self.live))
-        self.outside = ranked_keys[size].item() if self.live > size else -np.inf
-        known = torch.isin(ranked[:size], self.top[live_top])
-        self.top, self.top_exact = ranked[:size], ranked_keys[:size].clone()
-        newcomers = self.top[~known]
-        self.top_exact[~known], lists = self._exact_sums_and_lists(newcomers)
-        self.lists = {group: self.lists[group] for group in self.top[known].tolist()}
+        if members.numel() > 2 * size:  # too many to update every step: the lowest go back to the middle
+            kept = member_exact.topk(size).indices
+            dropped = members[~torch.isin(members, members[kept])]
+            self.sums[dropped], self.bounds[dropped] = keys[dropped], 0.0
+            self.mid = torch.cat([self.mid, dropped])
+            members, member_exact = members[kept], member_exact[kept]
+        candidates = torch.cat([members, self.mid])
+        chosen = candidates[keys[candidates].topk(min(size, candidates.numel())).indices]
+        newcomers = chosen[~torch.isin(chosen, members) & torch.isfinite(keys[chosen])]
+        self.mid = self.mid[~torch.isin(self.mid, newcomers)]
+        self.mid_outside = keys[self.mid].max().item() if self.mid.numel() else -np.inf
+        newcomer_exact, lists = self._exact_sums_and_lists(newcomers)
+        self.top, self.top_exact = torch.cat([members, newcomers]), torch.cat([member_exact, newcomer_exact])
+        self.lists = {group: self.lists[group] for group in members.tolist()}
         self.lists.update(zip(newcomers.tolist(), lists))
         self.slots = {group: slot for slot, group in enumerate(self.top.tolist())}
         self.top_x, self.top_sq_norms = self.x[self.top], self.sq_norms[self.top]
-
-    def _subtract_pending(self) -> None:
-        """Bring the float32 estimates up to date: subtract the distances to the rows assigned since."""
-        p = self.packed
-        cols = p.position[torch.cat(self.pending)]
-        for start in range(0, p.rows.numel(), self.block_size):
-            rows = slice(start, start + self.block_size)
-            total, bound = _bounded_sums(p.x32[rows], p.sq32[rows], p.slack32[rows], p.x32[cols], p.sq32[cols],
-                                         p.slack32[cols], self.error32, False, False)
-            self.sums[p.rows[rows]] -= total
-            self.bounds[p.rows[rows]] += bound
-        self.pending = []
-        self.packed = p.packed_if_sparse(self.x, self.sq_norms)
 
     def _exact_sums_and_lists(self, groups: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Float64 sums over the unassigned points and sorted lists of the nearest ones (self excluded)."""
@@ -305,7 +374,7 @@ class _DistanceSums:
 
 
 def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.device,
-                   block_size: int = 1024, top_size: int = 512, list_length: int = 64) -> np.ndarray:
+                   block_size: int = 1024, top_size: int = 128, list_length: int = 64) -> np.ndarray:
     """Row indices of the k-Same clusters (num_clusters x k, int64), in the order they are formed.
 
     Each row lists the pivot first, then its neighbours by increasing distance (ties: lowest
