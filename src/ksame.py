@@ -173,10 +173,11 @@ class _DistanceSums:
     def __init__(self, x: torch.Tensor, sq_norms: torch.Tensor, first_copy: torch.Tensor, top_size: int,
                  list_length: int, block_size: int, mid_factor: int = 8) -> None:
         self.x, self.sq_norms, self.first_copy = x, sq_norms, first_copy
-        self.default_top_size = self.top_size = top_size
+        self.top_size = top_size
         self.default_mid_size = self.mid_size = mid_factor * top_size
         self.threads = torch.get_num_threads()
         self.list_length, self.block_size = list_length, block_size
+        self.min_newcomers = max(1, top_size // 4)
         self.error64 = gram_error_factor(x.shape[1], F64_UNIT)
         self.error32 = gram_error_factor(x.shape[1], F32_UNIT)
         n = x.shape[0]
@@ -225,17 +226,20 @@ class _DistanceSums:
                 return self.top[self.top_exact >= best - SUM_MARGIN * abs(best)].tolist()
             with cpu_threads(self.threads):  # large products: worth every thread, unlike the steps
                 if beaten_inside and self.top.numel():
-                    if not self.mid_pending:  # exact sums fell below a bound in the middle tier
-                        self.top_size *= 2
-                    self._update_mid()
+                    if self.mid_pending:  # the middle tier's bounds may just be stale
+                        self._update_mid()
+                        self.mid_outside = (self.sums[self.mid] + self.bounds[self.mid]).max().item() \
+                            if self.mid.numel() else -np.inf
+                    else:
+                        self._choose_top()
                 else:
                     if self.pending:
-                        self.top_size, self.mid_size = self.default_top_size, self.default_mid_size
-                    elif self.top.numel():  # below a bound outside the middle tier
+                        self.mid_size = self.default_mid_size
+                    elif self.top.numel():  # below a bound outside the middle tier: widen it
                         self.mid_size *= 2
                     self._update_all()
                     self._choose_mid()
-                self._choose_top()
+                    self._choose_top()
 
     def neighbour_list(self, group: int) -> tuple[np.ndarray, np.ndarray, float]:
         """The group's listed nearest points, their squared distances, and a squared distance
@@ -266,24 +270,18 @@ class _DistanceSums:
         self.pending.append(rows)
         self.mid_pending.append(rows)
 
-    def _subtract(self, groups: torch.Tensor, assigned: list[torch.Tensor]) -> None:
-        """The float32 estimates of `groups` lose their distances to the `assigned` rows."""
-        if not assigned:
-            return
-        cols = torch.cat(assigned)
-        cols_x = self.x[cols].float()
-        cols_sq, cols_slack = _float32_norms_and_slack(self.x[cols], cols_x)
-        for start in range(0, groups.numel(), self.block_size):
-            rows = groups[start:start + self.block_size]
-            rows_x = self.x[rows].float()
-            rows_sq, rows_slack = _float32_norms_and_slack(self.x[rows], rows_x)
-            total, bound = _bounded_sums(rows_x, rows_sq, rows_slack, cols_x, cols_sq, cols_slack, self.error32,
-                                         False, False)
-            self.sums[rows] -= total
-            self.bounds[rows] += bound
+    def _subtract_from_mid(self, assigned: torch.Tensor) -> None:
+        """The middle tier's float32 estimates lose their distances to the `assigned` rows."""
+        cols_x = self.x[assigned].float()
+        cols_sq, cols_slack = _float32_norms_and_slack(self.x[assigned], cols_x)
+        total, bound = _bounded_sums(self.mid_x32, self.mid_sq32, self.mid_slack32, cols_x, cols_sq, cols_slack,
+                                     self.error32, False, False)
+        self.sums[self.mid] -= total
+        self.bounds[self.mid] += bound
 
     def _update_mid(self) -> None:
-        self._subtract(self.mid, self.mid_pending)
+        if self.mid_pending:
+            self._subtract_from_mid(torch.cat(self.mid_pending))
         self.mid_pending = []
 
     def _update_all(self) -> None:
@@ -323,22 +321,27 @@ class _DistanceSums:
         self.outside = keys.max().item() if keys.numel() else -np.inf
 
     def _choose_top(self) -> None:
-        """Re-choose the top tier from itself and the middle tier (both up to date); members stay,
-        newcomers get exact sums and lists."""
+        """Admit to the top tier the middle-tier groups whose bounds reach its largest exact sum, at
+        least `min_newcomers` at a time (each batch reads all unassigned points once) and at most
+        `top_size`; both tiers up to date. Members stay; newcomers get exact sums and lists."""
         keys = self._keys()
         members = self.top[torch.isfinite(self.top_exact)]
         member_exact = keys[members]
-        size = min(self.top_size, self.live)
-        if members.numel() > 2 * size:  # too many to update every step: the lowest go back to the middle
-            kept = member_exact.topk(size).indices
+        if members.numel() > 2 * self.top_size:  # too many to update every step: the lowest go back
+            kept = member_exact.topk(self.top_size).indices
             dropped = members[~torch.isin(members, members[kept])]
             self.sums[dropped], self.bounds[dropped] = keys[dropped], 0.0
             self.mid = torch.cat([self.mid, dropped])
             members, member_exact = members[kept], member_exact[kept]
-        candidates = torch.cat([members, self.mid])
-        chosen = candidates[keys[candidates].topk(min(size, candidates.numel())).indices]
-        newcomers = chosen[~torch.isin(chosen, members) & torch.isfinite(keys[chosen])]
+        best = member_exact.max().item() if members.numel() else -np.inf
+        mid_keys = keys[self.mid]
+        needed = int((torch.isfinite(mid_keys) & (mid_keys >= best - SUM_MARGIN * abs(best))).sum())
+        count = min(max(needed, self.min_newcomers), self.top_size, mid_keys.numel()) if needed else 0
+        newcomers = self.mid[mid_keys.topk(count).indices]
+        newcomers = newcomers[torch.isfinite(keys[newcomers])]
         self.mid = self.mid[~torch.isin(self.mid, newcomers)]
+        self.mid_x32 = self.x[self.mid].float()
+        self.mid_sq32, self.mid_slack32 = _float32_norms_and_slack(self.x[self.mid], self.mid_x32)
         self.mid_outside = keys[self.mid].max().item() if self.mid.numel() else -np.inf
         newcomer_exact, lists = self._exact_sums_and_lists(newcomers)
         self.top, self.top_exact = torch.cat([members, newcomers]), torch.cat([member_exact, newcomer_exact])
@@ -348,25 +351,27 @@ class _DistanceSums:
         self.top_x, self.top_sq_norms = self.x[self.top], self.sq_norms[self.top]
 
     def _exact_sums_and_lists(self, groups: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """Float64 sums over the unassigned points and sorted lists of the nearest ones (self excluded)."""
+        """Float64 sums over the unassigned points and sorted lists of the nearest ones (self excluded).
+
+        Reads the packed rows in place (a gather of the live ones would cost as much as the product).
+        """
         p = self.packed
-        alive = p.alive.nonzero().squeeze(1)
-        length = min(self.list_length, alive.numel() - 1)
+        alive_count = int(p.alive.sum())
+        length = min(self.list_length, alive_count - 1)
         sums = torch.empty(groups.numel(), dtype=torch.float64, device=self.x.device)
         list_idx = torch.empty((groups.numel(), length), dtype=torch.long, device=self.x.device)
         list_d2 = torch.empty((groups.numel(), length), dtype=torch.float64, device=self.x.device)
-        x_alive, sq_alive, rows_alive = p.x64[alive], p.sq64[alive], p.rows[alive]
-        chunk = max(1, self.block_size * self.block_size // max(alive.numel(), 1))
+        packed_groups, dead = self.first_copy[p.rows], ~p.alive
+        chunk = max(1, self.block_size * self.block_size // p.rows.numel())
         for start in range(0, groups.numel(), chunk):
             chosen = groups[start:start + chunk]
-            d2 = squared_distances(self.x[chosen], self.sq_norms[chosen], x_alive, sq_alive)
-            copies = self.first_copy[rows_alive][None, :] == chosen[:, None]
-            d2[copies] = 0.0  # identical vectors (and self): exactly 0
+            d2 = squared_distances(self.x[chosen], self.sq_norms[chosen], p.x64, p.sq64)
+            d2[(packed_groups[None, :] == chosen[:, None]) | dead[None, :]] = 0.0  # copies (and self): exactly 0
             sums[start:start + chunk] = d2.sqrt().sum(1)
-            d2[rows_alive[None, :] == chosen[:, None]] = torch.inf
+            d2[(p.rows[None, :] == chosen[:, None]) | dead[None, :]] = torch.inf
             nearest = d2.topk(length, dim=1, largest=False)
-            list_d2[start:start + chunk], list_idx[start:start + chunk] = nearest.values, rows_alive[nearest.indices]
-        if length == alive.numel() - 1:
+            list_d2[start:start + chunk], list_idx[start:start + chunk] = nearest.values, p.rows[nearest.indices]
+        if length == alive_count - 1:
             outside = torch.full((groups.numel(),), torch.inf, dtype=torch.float64, device=self.x.device)
         else:
             outside = list_d2[:, -1] - self.error64 * (self.sq_norms[groups] + p.sq64.max())
