@@ -35,6 +35,7 @@ from src.runtime import cpu_threads, one_cpu_thread
 
 SUM_MARGIN = 1e-10  # relative; float64 sums of N distances err by ~1e-13, far below this
 F64_UNIT, F32_UNIT = 2.0 ** -53, 2.0 ** -24  # unit roundoff
+PARALLEL_PRODUCT = 2 ** 27  # multiply-adds from which a product gets every CPU thread; all else runs on one
 
 
 def gram_error_factor(dim: int, unit: float) -> float:
@@ -95,8 +96,8 @@ def _exact_sums(points: torch.Tensor, chosen: torch.Tensor, rows: torch.Tensor, 
 
 
 def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor,
-                  b_slack: torch.Tensor, factor: float, diagonal: bool,
-                  both_sides: bool) -> tuple[torch.Tensor, ...]:
+                  b_slack: torch.Tensor, factor: float, diagonal: bool, both_sides: bool,
+                  threads: int = 1) -> tuple[torch.Tensor, ...]:
     """Float32 distance sums between the rows of a and b, with rigorous bounds on their error.
 
     Returns (row sums, row bounds) and, with `both_sides`, (column sums, column bounds), in float64.
@@ -106,7 +107,9 @@ def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b:
     cast from the float64 data); a final term covers the rounding of the square roots and sums.
     With `diagonal`, a and b are the same rows, and self distances count as exactly 0.
     """
-    d = torch.addmm(a_sq[:, None].float() + b_sq[None, :].float(), a, b.T, alpha=-2.0).clamp_(min=0.0).sqrt_()
+    with cpu_threads(threads if a.shape[0] * b.shape[0] * a.shape[1] >= PARALLEL_PRODUCT else 1):
+        d = torch.addmm(a_sq[:, None].float() + b_sq[None, :].float(), a, b.T, alpha=-2.0)
+    d = d.clamp_(min=0.0).sqrt_()
     if diagonal:
         d.fill_diagonal_(torch.inf)
     sides = [(d.amin(1), a_sq, b_sq.max(), a_slack, b_slack.max(), b.shape[0])]
@@ -171,11 +174,11 @@ class _DistanceSums:
     """
 
     def __init__(self, x: torch.Tensor, sq_norms: torch.Tensor, first_copy: torch.Tensor, top_size: int,
-                 list_length: int, block_size: int, mid_factor: int = 8) -> None:
+                 list_length: int, block_size: int, threads: int, mid_factor: int = 8) -> None:
         self.x, self.sq_norms, self.first_copy = x, sq_norms, first_copy
         self.top_size = top_size
         self.default_mid_size = self.mid_size = mid_factor * top_size
-        self.threads = torch.get_num_threads()
+        self.threads = threads  # for the large products; everything else runs on one
         self.list_length, self.block_size = list_length, block_size
         self.min_newcomers = max(1, top_size // 4)
         self.error64 = gram_error_factor(x.shape[1], F64_UNIT)
@@ -208,7 +211,7 @@ class _DistanceSums:
                 for j0 in range(i0, n, self.block_size):
                     cols = slice(j0, min(j0 + self.block_size, n))
                     block = _bounded_sums(p.x32[rows], p.sq32[rows], p.slack32[rows], p.x32[cols], p.sq32[cols],
-                                          p.slack32[cols], self.error32, i0 == j0, i0 != j0)
+                                          p.slack32[cols], self.error32, i0 == j0, i0 != j0, self.threads)
                     sums[rows] += block[0]
                     bounds[rows] += block[1]
                     if i0 != j0:
@@ -224,22 +227,21 @@ class _DistanceSums:
             beaten_inside = not _beats(best, self.mid_outside)
             if _beats(best, self.outside) and not beaten_inside:
                 return self.top[self.top_exact >= best - SUM_MARGIN * abs(best)].tolist()
-            with cpu_threads(self.threads):  # large products: worth every thread, unlike the steps
-                if beaten_inside and self.top.numel():
-                    if self.mid_pending:  # the middle tier's bounds may just be stale
-                        self._update_mid()
-                        self.mid_outside = (self.sums[self.mid] + self.bounds[self.mid]).max().item() \
-                            if self.mid.numel() else -np.inf
-                    else:
-                        self._choose_top()
+            if beaten_inside and self.top.numel():
+                if self.mid_pending:  # the middle tier's bounds may just be stale
+                    self._update_mid()
+                    self.mid_outside = (self.sums[self.mid] + self.bounds[self.mid]).max().item() \
+                        if self.mid.numel() else -np.inf
                 else:
-                    if self.pending:
-                        self.mid_size = self.default_mid_size
-                    elif self.top.numel():  # below a bound outside the middle tier: widen it
-                        self.mid_size *= 2
-                    self._update_all()
-                    self._choose_mid()
                     self._choose_top()
+            else:
+                if self.pending:
+                    self.mid_size = self.default_mid_size
+                elif self.top.numel():  # below a bound outside the middle tier: widen it
+                    self.mid_size *= 2
+                self._update_all()
+                self._choose_mid()
+                self._choose_top()
 
     def neighbour_list(self, group: int) -> tuple[np.ndarray, np.ndarray, float]:
         """The group's listed nearest points, their squared distances, and a squared distance
@@ -289,19 +291,23 @@ class _DistanceSums:
         product over the packed unassigned points (whose middle-tier rows are left as they were)."""
         self._update_mid()
         if self.pending:
-            p = self.packed
-            cols = p.position[torch.cat(self.pending)]
-            in_mid = torch.zeros(self.x.shape[0], dtype=torch.bool, device=self.x.device)
-            in_mid[self.mid] = True
-            for start in range(0, p.rows.numel(), self.block_size):
-                rows = slice(start, start + self.block_size)
-                total, bound = _bounded_sums(p.x32[rows], p.sq32[rows], p.slack32[rows], p.x32[cols], p.sq32[cols],
-                                             p.slack32[cols], self.error32, False, False)
-                keep = ~in_mid[p.rows[rows]]
-                self.sums[p.rows[rows][keep]] -= total[keep]
-                self.bounds[p.rows[rows][keep]] += bound[keep]
-            self.pending = []
-            self.packed = p.packed_if_sparse(self.x, self.sq_norms)
+            self._subtract_from_all()
+
+    def _subtract_from_all(self) -> None:
+        """The estimates outside the middle tier lose their distances to the rows assigned since."""
+        p = self.packed
+        cols = p.position[torch.cat(self.pending)]
+        in_mid = torch.zeros(self.x.shape[0], dtype=torch.bool, device=self.x.device)
+        in_mid[self.mid] = True
+        for start in range(0, p.rows.numel(), self.block_size):
+            rows = slice(start, start + self.block_size)
+            total, bound = _bounded_sums(p.x32[rows], p.sq32[rows], p.slack32[rows], p.x32[cols], p.sq32[cols],
+                                         p.slack32[cols], self.error32, False, False, self.threads)
+            keep = ~in_mid[p.rows[rows]]
+            self.sums[p.rows[rows][keep]] -= total[keep]
+            self.bounds[p.rows[rows][keep]] += bound[keep]
+        self.pending = []
+        self.packed = p.packed_if_sparse(self.x, self.sq_norms)
 
     def _keys(self) -> torch.Tensor:
         """Upper bounds of every group's current sum (exact for the top tier; -inf when dead)."""
@@ -407,12 +413,13 @@ def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.
     x -= x.mean(0)  # centring shrinks the norms, and with them the Gram rounding error
     sq_norms = x.square().sum(1)
     error = gram_error_factor(x.shape[1], F64_UNIT)
-    pivot_sums = _DistanceSums(x, sq_norms, torch.as_tensor(first_copy, device=device), top_size,
-                               min(max(list_length, 2 * k), n - 1), block_size)
     host_points, host_sq_norms = embeddings[:n], sq_norms.cpu().numpy()
     unassigned = np.ones(n, dtype=bool)
     clusters = np.empty((n // k, k), dtype=np.int64)
-    with one_cpu_thread():
+    threads = torch.get_num_threads()
+    with one_cpu_thread():  # small ops: a second thread costs more than it gains, above all on a busy machine
+        pivot_sums = _DistanceSums(x, sq_norms, torch.as_tensor(first_copy, device=device), top_size,
+                                   min(max(list_length, 2 * k), n - 1), block_size, threads)
         for step in tqdm(range(n // k), desc=f"k-Same (k={k})", leave=False, disable=None):
             # Sums this close may be equal in exact arithmetic (always so when two points are
             # left): settle them with exact sums, then by the lowest row index.
