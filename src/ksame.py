@@ -333,13 +333,14 @@ class _DistanceSums:
         keys = self._keys()
         members = self.top[torch.isfinite(self.top_exact)]
         member_exact = keys[members]
+        best = member_exact.max().item() if members.numel() else -np.inf
         if members.numel() > 2 * self.top_size:  # too many to update every step: the lowest go back
-            kept = member_exact.topk(self.top_size).indices
-            dropped = members[~torch.isin(members, members[kept])]
+            kept = member_exact >= min(member_exact.topk(self.top_size).values[-1].item(),
+                                       best - SUM_MARGIN * abs(best))  # never one tied with the best
+            dropped = members[~kept]
             self.sums[dropped], self.bounds[dropped] = keys[dropped], 0.0
             self.mid = torch.cat([self.mid, dropped])
             members, member_exact = members[kept], member_exact[kept]
-        best = member_exact.max().item() if members.numel() else -np.inf
         mid_keys = keys[self.mid]
         needed = int((torch.isfinite(mid_keys) & (mid_keys >= best - SUM_MARGIN * abs(best))).sum())
         count = min(max(needed, self.min_newcomers), self.top_size, mid_keys.numel()) if needed else 0
