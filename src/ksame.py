@@ -142,7 +142,8 @@ class _LivePoints:
 
     def __init__(self, x: torch.Tensor, sq_norms: torch.Tensor, rows: torch.Tensor) -> None:
         self.rows = rows  # original row index of each packed row
-        self.x64, self.sq64 = x[rows], sq_norms[rows]
+        whole = rows.numel() == x.shape[0]  # the first packing: no copy needed
+        self.x64, self.sq64 = (x, sq_norms) if whole else (x[rows], sq_norms[rows])
         self.x32 = self.x64.float()
         self.sq32, self.slack32 = _float32_norms_and_slack(self.x64, self.x32)
         self.alive = torch.ones(rows.numel(), dtype=torch.bool, device=x.device)
