@@ -1,9 +1,9 @@
 """Benchmark: k-Same (src/ksame.py) against its arithmetic floor and the reference's approach.
 
 Two yardsticks, measured in the same run on the same data and threads:
-- gram: one float64 Gram matrix X @ X.T of the embeddings (numpy on CPU, torch on CUDA); where
-  the N x N result would not fit in memory (N > 20,000), the same product by row blocks, lower
-  triangle only, as numpy's X @ X.T (a symmetric rank-k update) does. The `x gram` column is
+- gram: one float64 Gram matrix X @ X.T of the embeddings (numpy on CPU, torch on CUDA); above
+  N = 10,000 the same product by row blocks, lower triangle only (as numpy's X @ X.T, a
+  symmetric rank-k update, does), each block ~256 MB. The `x gram` column is
   each method's time over this one: k-Same needs every pairwise distance at least once.
 - reference: the float64 distance matrix, with the block of unassigned points rescanned every
   step to sum distances (O(N^2) memory, O(N^3/k) time): the reference's approach. To keep that
@@ -78,7 +78,9 @@ def reference_clusters(embeddings: np.ndarray, k: int) -> np.ndarray:
     return clusters
 
 
-GRAM_IN_ONE_PIECE = 20000  # above this N the N x N float64 result (3.2 GB at 20,000) is made by row blocks
+# Above this N the Gram matrix is made by row blocks: numpy 2.x's bundled OpenBLAS crashes (SIGSEGV)
+# on one 20,000 x 20,000 float64 X @ X.T here, and at 60,000 the result alone would take 29 GB.
+GRAM_IN_ONE_PIECE = 10000
 
 
 def gram_product(embeddings: np.ndarray, device_name: str) -> None:
