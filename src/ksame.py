@@ -7,17 +7,21 @@ the k points assigned. Every member is replaced by its cluster mean and keeps it
 Ties go to the lowest row index.
 
 The reference materialises the N x N distance matrix and rescans it every step. Here
-memory is O(N (D + L)) and the work is about two N x N x D float64 matrix products:
+memory is O(N D) and the work is close to two float32 passes over all pairs:
 
-- One blocked pass over all pairs gives each point's distance sum and a list of its L
-  nearest points.
-- Sums are brought up to date lazily (`_DistanceSums`): a top set of the largest sums is
-  kept exact every step; the others only lose the distances to newly assigned points in
-  one matrix product when the top set can no longer certify the maximum.
-- Neighbours come from the pivot's list while it still holds enough unassigned points
-  provably nearer than anything outside the list; otherwise from one scan of all rows.
+- One blocked float32 pass over all pairs gives each point's distance sum with a certified
+  error bound (`_bounded_sums`); estimate + bound is an upper bound of the sum, which only
+  shrinks as points are assigned.
+- `_DistanceSums` keeps three tiers: a small top tier with exact float64 sums updated every
+  step, a middle tier of float32 estimates updated every few steps, and the rest updated in
+  one wide float32 product every few dozen steps. A tier is brought up to date only when the
+  one above can no longer certify the maximum.
+- A group entering the top tier gets its exact sum and its list of nearest points from one
+  float64 pass over the unassigned points; the pivot's neighbours come from that list while
+  it still holds enough unassigned points provably nearer than anything outside it, else from
+  one scan of all rows.
 
-Distances use the float64 Gram form |a|^2 + |b|^2 - 2 a.b on mean-centred vectors, with a
+Float64 distances use the Gram form |a|^2 + |b|^2 - 2 a.b on mean-centred vectors, with a
 rigorous rounding bound. Neighbour choices within that bound of each other are settled by
 exact differences of the input vectors, and sums within 1e-10 of the maximum by exact
 sums, so duplicates are at distance 0 and ties go to the lowest index as in the reference.
@@ -25,6 +29,9 @@ Identical vectors share one distance sum (kept at the first copy), so the first 
 copy becomes the pivot whatever the matrix-product rounding.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -48,6 +55,18 @@ def squared_distances(a: torch.Tensor, a_sq_norms: torch.Tensor, b: torch.Tensor
                       b_sq_norms: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances between the rows of a and b by the Gram form, clamped at 0."""
     return (a_sq_norms[:, None] + b_sq_norms[None, :] - 2.0 * (a @ b.T)).clamp_(min=0.0)
+
+
+@contextmanager
+def _full_float32_products() -> Iterator[None]:
+    """Keep float32 products in full float32 inside (no TF32 or bfloat16 shortcuts), since the
+    certified error bounds assume a 24-bit mantissa."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _check_k(k: int, num_points: int) -> None:
@@ -419,7 +438,8 @@ def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.
     unassigned = np.ones(n, dtype=bool)
     clusters = np.empty((n // k, k), dtype=np.int64)
     threads = torch.get_num_threads()
-    with one_cpu_thread():  # small ops: a second thread costs more than it gains, above all on a busy machine
+    # Small ops: a second thread costs more than it gains, above all on a busy machine.
+    with one_cpu_thread(), _full_float32_products():
         pivot_sums = _DistanceSums(x, sq_norms, torch.as_tensor(first_copy, device=device), top_size,
                                    min(max(list_length, 2 * k), n - 1), block_size, threads)
         for step in tqdm(range(n // k), desc=f"k-Same (k={k})", leave=False, disable=None):
