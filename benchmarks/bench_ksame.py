@@ -52,7 +52,9 @@ def reference_clusters(embeddings: np.ndarray, k: int) -> np.ndarray:
     n = len(embeddings) - len(embeddings) % k
     x = embeddings[:n].astype(np.float64)
     sq_norms = (x * x).sum(1)
-    dist = x @ x.T
+    dist = np.empty((n, n))
+    for start in range(0, n, 2048):  # by row blocks: one 20,000 x 20,000 X @ X.T crashes numpy's OpenBLAS
+        np.matmul(x[start:start + 2048], x.T, out=dist[start:start + 2048])
     dist *= -2.0
     dist += sq_norms[:, None]
     dist += sq_norms[None, :]

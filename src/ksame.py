@@ -392,7 +392,8 @@ class _DistanceSums:
         chunk = max(1, self.block_size * self.block_size // p.rows.numel())
         for start in range(0, groups.numel(), chunk):
             chosen = groups[start:start + chunk]
-            d2 = squared_distances(self.x[chosen], self.sq_norms[chosen], p.x64, p.sq64)
+            with cpu_threads(self.threads if chosen.numel() * p.x64.numel() >= PARALLEL_PRODUCT else 1):
+                d2 = squared_distances(self.x[chosen], self.sq_norms[chosen], p.x64, p.sq64)
             d2[(packed_groups[None, :] == chosen[:, None]) | dead[None, :]] = 0.0  # copies (and self): exactly 0
             sums[start:start + chunk] = d2.sqrt().sum(1)
             d2[(p.rows[None, :] == chosen[:, None]) | dead[None, :]] = torch.inf
