@@ -1,19 +1,24 @@
-"""Benchmark: k-Same (src/ksame.py) against a plain N x N implementation of the reference.
+"""Benchmark: k-Same (src/ksame.py) against its arithmetic floor and the reference's approach.
 
-The baseline materialises the float64 distance matrix and, every step, rescans the
-block of unassigned points to sum distances (O(N^2) memory, O(N^3/k) time): the
-reference's approach. To keep that block contiguous it swaps assigned points to the
-end of the matrix, so each step reads exactly the unassigned block once.
+Two yardsticks, measured in the same run on the same data and threads:
+- gram: one float64 Gram matrix X @ X.T of the embeddings (numpy on CPU, torch on CUDA); above
+  N = 10,000 the same product by row blocks, lower triangle only (as numpy's X @ X.T, a
+  symmetric rank-k update, does), each block ~256 MB. The `x gram` column is
+  each method's time over this one: k-Same needs every pairwise distance at least once.
+- reference: the float64 distance matrix, with the block of unassigned points rescanned every
+  step to sum distances (O(N^2) memory, O(N^3/k) time): the reference's approach. To keep that
+  block contiguous it swaps assigned points to the end of the matrix. Run up to
+  --skip-reference-above only.
 
-Each method runs in its own subprocess on the same Gaussian-mixture embeddings
-(D = 768, 5 classes); we report its wall time (data generation and imports excluded)
-and its peak resident memory (ru_maxrss of that process, imports and data included;
-the resident size just before the run is shown beside it), and whether the clusters
-are identical.
+Each method runs in its own subprocess on the same Gaussian-mixture embeddings (D = 768,
+5 classes); we report its wall time (data generation and imports excluded) and its peak
+resident memory (ru_maxrss of that process, imports and data included; the resident size
+just before the run is shown beside it), and whether the clusters equal the reference's.
 
-    python benchmarks/bench_ksame.py                   # N = 546, 5000, 20000; k = 5
-    python benchmarks/bench_ksame.py --sizes 546 5000 --k 10
-    python benchmarks/bench_ksame.py --large         # adds N = 60000, k = 2, ours only
+    python benchmarks/bench_ksame.py                              # N = 546, 5000, 20000; k = 5
+    python benchmarks/bench_ksame.py --sizes 20000 --k 2 5 10
+    python benchmarks/bench_ksame.py --sizes 20000 60000 100000   # the reference only up to 20000
+    python benchmarks/bench_ksame.py --device cuda --sizes 20000 100000
 """
 from __future__ import annotations
 
@@ -47,7 +52,9 @@ def reference_clusters(embeddings: np.ndarray, k: int) -> np.ndarray:
     n = len(embeddings) - len(embeddings) % k
     x = embeddings[:n].astype(np.float64)
     sq_norms = (x * x).sum(1)
-    dist = x @ x.T
+    dist = np.empty((n, n))
+    for start in range(0, n, 2048):  # by row blocks: one 20,000 x 20,000 X @ X.T crashes numpy's OpenBLAS
+        np.matmul(x[start:start + 2048], x.T, out=dist[start:start + 2048])
     dist *= -2.0
     dist += sq_norms[:, None]
     dist += sq_norms[None, :]
@@ -73,12 +80,38 @@ def reference_clusters(embeddings: np.ndarray, k: int) -> np.ndarray:
     return clusters
 
 
+# Above this N the Gram matrix is made by row blocks: numpy 2.x's bundled OpenBLAS crashes (SIGSEGV)
+# on one 20,000 x 20,000 float64 X @ X.T here, and at 60,000 the result alone would take 29 GB.
+GRAM_IN_ONE_PIECE = 10000
+
+
+def gram_product(embeddings: np.ndarray, device_name: str) -> None:
+    """One float64 Gram matrix of the embeddings, result discarded (the yardstick)."""
+    import torch
+
+    n = len(embeddings)
+    if device_name == "cpu":
+        x = embeddings.astype(np.float64)
+        if n <= GRAM_IN_ONE_PIECE:
+            x @ x.T  # numpy recognises X @ X.T and computes one triangle (syrk)
+            return
+        block = max(256, (256 * 2**20) // (8 * n))  # row blocks of at most ~256 MB of results
+        for start in range(0, n, block):
+            x[start:] @ x[start:start + block].T
+        return
+    x = torch.as_tensor(embeddings, device=device_name).double()
+    block = n if n <= GRAM_IN_ONE_PIECE else max(256, (2**30) // (8 * n))
+    for start in range(0, n, block):
+        x[start:] @ x[start:start + block].T
+    torch.cuda.synchronize()
+
+
 def resident_mb() -> float:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def worker(method: str, num_samples: int, k: int, out: Path) -> None:
+def worker(method: str, num_samples: int, k: int, device_name: str, out: Path) -> None:
     """Run one method once and write its clusters and measurements."""
     import torch
 
@@ -86,67 +119,78 @@ def worker(method: str, num_samples: int, k: int, out: Path) -> None:
     from src.runtime import resolve_device
 
     embeddings = gaussian_mixture(num_samples)
-    device = resolve_device("auto")
+    device = resolve_device(device_name) if method != "reference" else torch.device("cpu")
+    if device.type == "cuda":  # CUDA start-up outside the timing
+        torch.zeros(1, device=device)
+        torch.cuda.synchronize()
     before = resident_mb()
     start = time.perf_counter()
     if method == "ours":
         clusters = ksame_clusters(embeddings, k, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
+    elif method == "gram":
+        gram_product(embeddings, device.type)
     else:
         clusters = reference_clusters(embeddings, k)
     seconds = time.perf_counter() - start
-    np.save(out / f"{method}.npy", clusters)
+    if method != "gram":
+        np.save(out / f"{method}.npy", clusters)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / f"{method}.json").write_text(json.dumps({"seconds": seconds, "peak_mb": peak, "before_mb": before,
                                                     "device": str(device)}))
 
 
-def run_worker(method: str, num_samples: int, k: int, threads: int, out: Path) -> dict:
+def run_worker(method: str, num_samples: int, k: int, threads: int, device: str, out: Path) -> dict:
     """One method in a fresh process, so that its peak memory is its own; BLAS threads capped."""
     env = {**os.environ, **{name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                                            "OPENBLAS_NUM_THREADS")}}
-    subprocess.run([sys.executable, __file__, "--worker", method, "--sizes",
-                    str(num_samples), "--k", str(k), "--out", str(out)], check=True, env=env)
+    subprocess.run([sys.executable, __file__, "--worker", method, "--sizes", str(num_samples), "--k", str(k),
+                    "--device", device, "--out", str(out)], check=True, env=env)
     return json.loads((out / f"{method}.json").read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[546, 5000, 20000])
-    parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--large", action="store_true", help="also N = 60000, k = 2, ours only")
+    parser.add_argument("--k", type=int, nargs="+", default=[5], help="one or more k, each run at every size")
+    parser.add_argument("--large", action="store_true", help="also N = 60000, k = 2")
     parser.add_argument("--skip-reference-above", type=int, default=20000,
                         help="run the N x N baseline only up to this N")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="CPU threads for both methods (on a busy shared machine, 1 is the least noisy)")
-    parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
+                        help="CPU threads for every method (on a busy shared machine, 1 is the least noisy)")
+    parser.add_argument("--device", default="auto", help="device for k-Same and the Gram product: auto, cpu, cuda")
+    parser.add_argument("--worker", choices=["ours", "gram", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.sizes[0], args.k, args.out)
+        worker(args.worker, args.sizes[0], args.k[0], args.device, args.out)
         return
 
-    runs = [(n, args.k) for n in args.sizes] + ([(60000, 2)] if args.large else [])
+    runs = [(n, k) for n in args.sizes for k in args.k] + ([(60000, 2)] if args.large else [])
     print(f"Gaussian mixture, D = {DIM}, {NUM_CLASSES} classes, {args.threads} CPU thread(s). Each method in its own"
-          " process; time excludes data generation; peak = ru_maxrss of that process (imports and data included).")
+          " process; time excludes data generation; peak = ru_maxrss of that process (imports and data included);"
+          " x gram = time / time of one float64 Gram matrix of the same data, same run.")
     print(f"{'N':>6} {'k':>3} {'method':<10} {'device':<6} {'seconds':>9} {'RSS before MB':>14} {'peak RSS MB':>12}"
-          f" {'speed-up':>9} {'same clusters':>14}")
+          f" {'x gram':>7} {'speed-up':>9} {'same clusters':>14}", flush=True)
     for num_samples, k in runs:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
-            ours = run_worker("ours", num_samples, k, args.threads, out)
+            gram = run_worker("gram", num_samples, k, args.threads, args.device, out)
+            ours = run_worker("ours", num_samples, k, args.threads, args.device, out)
             reference = None
             if num_samples <= args.skip_reference_above:
-                reference = run_worker("reference", num_samples, k, args.threads, out)
+                reference = run_worker("reference", num_samples, k, args.threads, args.device, out)
                 same = np.array_equal(np.load(out / "ours.npy"), np.load(out / "reference.npy"))
-            for name, result in (("ours", ours), ("reference", reference)):
+            for name, result in (("gram", gram), ("ours", ours), ("reference", reference)):
                 if result is None:
                     continue
+                over_gram = f"{result['seconds'] / gram['seconds']:.2f}"
                 ratio = f"{reference['seconds'] / ours['seconds']:.1f}x" if reference and name == "ours" else ""
                 agree = ("yes" if same else "NO") if reference and name == "ours" else ""
                 print(f"{num_samples:>6} {k:>3} {name:<10} {result['device']:<6} {result['seconds']:>9.2f}"
-                      f" {result['before_mb']:>14.0f} {result['peak_mb']:>12.0f} {ratio:>9} {agree:>14}", flush=True)
+                      f" {result['before_mb']:>14.0f} {result['peak_mb']:>12.0f} {over_gram:>7} {ratio:>9}"
+                      f" {agree:>14}", flush=True)
 
 
 if __name__ == "__main__":

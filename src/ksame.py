@@ -7,17 +7,21 @@ the k points assigned. Every member is replaced by its cluster mean and keeps it
 Ties go to the lowest row index.
 
 The reference materialises the N x N distance matrix and rescans it every step. Here
-memory is O(N (D + L)) and the work is about two N x N x D float64 matrix products:
+memory is O(N D) and the work is close to two float32 passes over all pairs:
 
-- One blocked pass over all pairs gives each point's distance sum and a list of its L
-  nearest points.
-- Sums are brought up to date lazily (`_DistanceSums`): a top set of the largest sums is
-  kept exact every step; the others only lose the distances to newly assigned points in
-  one matrix product when the top set can no longer certify the maximum.
-- Neighbours come from the pivot's list while it still holds enough unassigned points
-  provably nearer than anything outside the list; otherwise from one scan of all rows.
+- One blocked float32 pass over all pairs gives each point's distance sum with a certified
+  error bound (`_bounded_sums`); estimate + bound is an upper bound of the sum, which only
+  shrinks as points are assigned.
+- `_DistanceSums` keeps three tiers: a small top tier with exact float64 sums updated every
+  step, a middle tier of float32 estimates updated every few steps, and the rest updated in
+  one wide float32 product every few dozen steps. A tier is brought up to date only when the
+  one above can no longer certify the maximum.
+- A group entering the top tier gets its exact sum and its list of nearest points from one
+  float64 pass over the unassigned points; the pivot's neighbours come from that list while
+  it still holds enough unassigned points provably nearer than anything outside it, else from
+  one scan of all rows.
 
-Distances use the float64 Gram form |a|^2 + |b|^2 - 2 a.b on mean-centred vectors, with a
+Float64 distances use the Gram form |a|^2 + |b|^2 - 2 a.b on mean-centred vectors, with a
 rigorous rounding bound. Neighbour choices within that bound of each other are settled by
 exact differences of the input vectors, and sums within 1e-10 of the maximum by exact
 sums, so duplicates are at distance 0 and ties go to the lowest index as in the reference.
@@ -26,26 +30,43 @@ copy becomes the pivot whatever the matrix-product rounding.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from src.cli import UserError
-from src.runtime import one_cpu_thread
+from src.runtime import cpu_threads, one_cpu_thread
 
 SUM_MARGIN = 1e-10  # relative; float64 sums of N distances err by ~1e-13, far below this
+F64_UNIT, F32_UNIT = 2.0 ** -53, 2.0 ** -24  # unit roundoff
+PARALLEL_PRODUCT = 2 ** 27  # multiply-adds from which a product gets every CPU thread; all else runs on one
 
 
-def gram_error_factor(dim: int) -> float:
-    """Bound factor c with |computed - true| <= c (|a|^2 + |b|^2) for a float64 Gram squared
-    distance: dot products of length D err by at most D u |a||b| (u = 2^-53); doubled for safety."""
-    return 2.0 * (2 * dim + 8) * 2.0 ** -53
+def gram_error_factor(dim: int, unit: float) -> float:
+    """Bound factor c with |computed - true| <= c (|a|^2 + |b|^2) for a Gram squared distance:
+    dot products of length D err by at most D u |a||b| (u the unit roundoff); doubled for safety."""
+    return 2.0 * (2 * dim + 8) * unit
 
 
 def squared_distances(a: torch.Tensor, a_sq_norms: torch.Tensor, b: torch.Tensor,
                       b_sq_norms: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances between the rows of a and b by the Gram form, clamped at 0."""
     return (a_sq_norms[:, None] + b_sq_norms[None, :] - 2.0 * (a @ b.T)).clamp_(min=0.0)
+
+
+@contextmanager
+def _full_float32_products() -> Iterator[None]:
+    """Keep float32 products in full float32 inside (no TF32 or bfloat16 shortcuts), since the
+    certified error bounds assume a 24-bit mantissa."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _check_k(k: int, num_points: int) -> None:
@@ -63,66 +84,24 @@ def _first_copies(embeddings: np.ndarray) -> np.ndarray:
     return first[inverse.ravel()]
 
 
-def _merge_lists(list_d2: torch.Tensor, list_idx: torch.Tensor, row0: int, block_d2: torch.Tensor,
-                 col0: int) -> None:
-    """Fold a block of squared distances (rows row0.., columns col0..) into the nearest-point lists."""
-    rows = slice(row0, row0 + block_d2.shape[0])
-    block_nearest = block_d2.topk(min(list_d2.shape[1], block_d2.shape[1]), dim=1, largest=False)
-    nearest = torch.cat([list_d2[rows], block_nearest.values], dim=1).topk(list_d2.shape[1], dim=1, largest=False)
-    list_d2[rows] = nearest.values
-    list_idx[rows] = torch.cat([list_idx[rows], block_nearest.indices + col0], dim=1).gather(1, nearest.indices)
-
-
-def _initial_pass(x: torch.Tensor, sq_norms: torch.Tensor, list_length: int,
-                  block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distance sums over all points and the sorted lists of nearest points (self excluded).
-
-    Visits each pair of row blocks once (upper triangle) and uses it for both blocks.
-    """
-    n = x.shape[0]
-    sums = torch.zeros(n, dtype=torch.float64, device=x.device)
-    list_d2 = torch.full((n, list_length), torch.inf, dtype=torch.float64, device=x.device)
-    list_idx = torch.zeros((n, list_length), dtype=torch.long, device=x.device)
-    starts = range(0, n, block_size)
-    with tqdm(total=len(starts) * (len(starts) + 1) // 2, desc="k-Same distance sums", leave=False,
-              disable=None) as progress:
-        for i0 in starts:
-            rows = slice(i0, min(i0 + block_size, n))
-            for j0 in range(i0, n, block_size):
-                cols = slice(j0, min(j0 + block_size, n))
-                d2 = squared_distances(x[rows], sq_norms[rows], x[cols], sq_norms[cols])
-                if i0 == j0:
-                    d2.fill_diagonal_(torch.inf)
-                _merge_lists(list_d2, list_idx, i0, d2, j0)
-                if i0 != j0:
-                    _merge_lists(list_d2, list_idx, j0, d2.T.contiguous(), i0)
-                distances = d2.sqrt_()
-                if i0 == j0:
-                    distances.fill_diagonal_(0.0)
-                sums[rows] += distances.sum(1)
-                if i0 != j0:
-                    sums[cols] += distances.sum(0)
-                progress.update()
-    return sums, list_d2, list_idx
-
-
-def _closest(points: torch.Tensor, sq_norms: torch.Tensor, error: float, pivot: int, rows: torch.Tensor,
-             approx_d2: torch.Tensor, count: int, outside_d2: float) -> torch.Tensor | None:
+def _closest(points: np.ndarray, sq_norms: np.ndarray, error: float, pivot: int, rows: np.ndarray,
+             approx_d2: np.ndarray, count: int, outside_d2: float) -> np.ndarray | None:
     """The `count` rows nearest to the pivot, by (exact distance, index), among `rows`.
 
     `approx_d2` are Gram squared distances with error at most error * (|p|^2 + |r|^2); every
     point not in `rows` is at true squared distance >= outside_d2. Exact distances are taken
     from the input `points`. Returns None when the rows cannot be shown to hold the answer.
+    Host arrays: a few dozen rows per step, where numpy's per-call cost is lowest.
     """
-    if rows.numel() < count:
+    if rows.size < count:
         return None
     slack = error * (sq_norms[pivot] + sq_norms[rows])
-    upper = (approx_d2 + slack).kthvalue(count).values
-    if upper.item() >= outside_d2:
+    upper = np.partition(approx_d2 + slack, count - 1)[count - 1]
+    if upper >= outside_d2:
         return None
-    near = rows[approx_d2 - slack <= upper].sort().values
-    exact_d2 = (points[near].double() - points[pivot].double()).square_().sum(1)
-    return near[exact_d2.sort(stable=True).indices[:count]]
+    near = np.sort(rows[approx_d2 - slack <= upper])
+    exact_d2 = np.square(points[near].astype(np.float64) - points[pivot].astype(np.float64)).sum(1)
+    return near[np.argsort(exact_d2, kind="stable")[:count]]
 
 
 def _exact_sums(points: torch.Tensor, chosen: torch.Tensor, rows: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -135,71 +114,300 @@ def _exact_sums(points: torch.Tensor, chosen: torch.Tensor, rows: torch.Tensor, 
     return sums
 
 
+def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor,
+                  b_slack: torch.Tensor, factor: float, diagonal: bool, both_sides: bool,
+                  threads: int = 1) -> tuple[torch.Tensor, ...]:
+    """Float32 distance sums between the rows of a and b, with rigorous bounds on their error.
+
+    Returns (row sums, row bounds) and, with `both_sides`, (column sums, column bounds), in float64.
+    The Gram form errs by at most e = factor (|a|^2 + |b|^2) on each squared distance, so each
+    distance by at most e / max(d, sqrt(e)); this is bounded per row through the row's largest e
+    and smallest d. `*_slack` hold each row's float32 rounding distance |x32 - x| (covering the
+    cast from the float64 data); a final term covers the rounding of the square roots and sums.
+    With `diagonal`, a and b are the same rows, and self distances count as exactly 0.
+    """
+    with cpu_threads(threads if a.shape[0] * b.shape[0] * a.shape[1] >= PARALLEL_PRODUCT else 1):
+        d = torch.addmm(a_sq[:, None].float() + b_sq[None, :].float(), a, b.T, alpha=-2.0)
+    d = d.clamp_(min=0.0).sqrt_()
+    if diagonal:
+        d.fill_diagonal_(torch.inf)
+    sides = [(d.amin(1), a_sq, b_sq.max(), a_slack, b_slack.max(), b.shape[0])]
+    if both_sides:
+        sides.append((d.amin(0), b_sq, a_sq.max(), b_slack, a_slack.max(), a.shape[0]))
+    if diagonal:
+        d.fill_diagonal_(0.0)
+    sums = [d.sum(1)] + ([d.sum(0)] if both_sides else [])
+    out = []
+    for total, (nearest, own_sq, other_sq, own_slack, other_slack, count) in zip(sums, sides):
+        total = total.double()
+        gram = factor * (own_sq + other_sq)
+        denominator = torch.maximum(nearest.double(), gram.sqrt()).clamp_(min=torch.finfo(torch.float64).tiny)
+        bound = count * (gram / denominator + own_slack + other_slack)
+        out += [total, bound + 2.0 * (count + 2) * F32_UNIT * total]
+    return tuple(out)
+
+
+def _float32_norms_and_slack(x: torch.Tensor, x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared norms of the float32 rows and their distances to the float64 rows they round."""
+    x32_as64 = x32.double()
+    return x32_as64.square().sum(1), (x32_as64 - x).square_().sum(1).sqrt_()
+
+
+class _LivePoints:
+    """The unassigned points packed together (float64 and float32 copies), for the bulk products.
+
+    Re-packed when a third of the rows have been assigned, so that products read few dead rows.
+    """
+
+    def __init__(self, x: torch.Tensor, sq_norms: torch.Tensor, rows: torch.Tensor) -> None:
+        self.rows = rows  # original row index of each packed row
+        whole = rows.numel() == x.shape[0]  # the first packing: no copy needed
+        self.x64, self.sq64 = (x, sq_norms) if whole else (x[rows], sq_norms[rows])
+        self.x32 = self.x64.float()
+        self.sq32, self.slack32 = _float32_norms_and_slack(self.x64, self.x32)
+        self.alive = torch.ones(rows.numel(), dtype=torch.bool, device=x.device)
+        self.position = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        self.position[rows] = torch.arange(rows.numel(), device=x.device)
+
+    def packed_if_sparse(self, x: torch.Tensor, sq_norms: torch.Tensor) -> _LivePoints:
+        if int(self.alive.sum()) > 2 * self.alive.numel() // 3:
+            return self
+        return _LivePoints(x, sq_norms, self.rows[self.alive])
+
+
+def _beats(value: float, bound: float) -> bool:
+    """Whether an exact sum is certainly larger than every sum bounded by `bound`."""
+    return bound == -np.inf or value > bound + SUM_MARGIN * abs(bound)
+
+
 class _DistanceSums:
     """Each live group's summed distance to the unassigned points, for picking the pivot.
 
-    Sums are refreshed together (one matrix product with the points assigned since the
-    last refresh) only when needed. In between, a top set of the largest sums is kept
-    exact (top_size x k distances per step) while the others are stale, hence upper
-    bounds: the best top sum is certified as the maximum when it beats them all.
+    Three tiers, each brought up to date only when the one above can no longer certify the maximum:
+    - top: the largest sums, exact in float64, updated every step (top x k distances);
+    - middle (mid_factor x larger): float32 estimates with certified error bounds, updated together
+      (one product with the rows assigned since) every few steps;
+    - all others: the same estimates, updated in one wide float32 product every few dozen steps.
+    An estimate + its bound is an upper bound of the true sum, since sums only shrink. Groups
+    entering the top tier get their exact sum from one float64 pass over the unassigned points,
+    which also gives their list of nearest points for the neighbour search.
     """
 
-    def __init__(self, x: torch.Tensor, sq_norms: torch.Tensor, sums: torch.Tensor, top_size: int,
-                 block_size: int) -> None:
-        self.x, self.sq_norms, self.sums = x, sq_norms, sums
-        self.live = int(torch.isfinite(sums).sum())
-        self.default_top_size = self.top_size = top_size
-        self.block_size = block_size
-        self.pending: list[torch.Tensor] = []
-        self.top: torch.Tensor | None = None
+    def __init__(self, x: torch.Tensor, sq_norms: torch.Tensor, first_copy: torch.Tensor, top_size: int,
+                 list_length: int, block_size: int, threads: int, mid_factor: int = 8) -> None:
+        self.x, self.sq_norms, self.first_copy = x, sq_norms, first_copy
+        self.top_size = top_size
+        self.default_mid_size = self.mid_size = mid_factor * top_size
+        self.threads = threads  # for the large products; everything else runs on one
+        self.list_length, self.block_size = list_length, block_size
+        self.min_newcomers = max(1, top_size // 4)
+        self.error64 = gram_error_factor(x.shape[1], F64_UNIT)
+        self.error32 = gram_error_factor(x.shape[1], F32_UNIT)
+        n = x.shape[0]
+        self.packed = _LivePoints(x, sq_norms, torch.arange(n, device=x.device))
+        self.sums, self.bounds = self._initial_sums()
+        self.sums[first_copy != torch.arange(n, device=x.device)] = -torch.inf  # copies: kept at the first
+        self.live = int(torch.isfinite(self.sums).sum())
+        self.pending: list[torch.Tensor] = []  # assigned since the last update of all estimates
+        self.mid_pending: list[torch.Tensor] = []  # assigned since the last update of the middle tier
+        empty = torch.zeros(0, dtype=torch.long, device=x.device)
+        self.top, self.mid = empty, empty
+        self.top_exact = torch.zeros(0, dtype=torch.float64, device=x.device)
+        self.lists: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+        self.slots: dict[int, int] = {}
+        self.outside = self.mid_outside = np.inf  # largest bound outside the middle tier / inside it
 
-    def best_groups(self) -> torch.Tensor:
+    def _initial_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 sums over all pairs with their bounds, each pair of row blocks visited once."""
+        p = self.packed
+        n = p.rows.numel()
+        sums = torch.zeros(n, dtype=torch.float64, device=self.x.device)
+        bounds = torch.zeros_like(sums)
+        starts = range(0, n, self.block_size)
+        with tqdm(total=len(starts) * (len(starts) + 1) // 2, desc="k-Same distance sums", leave=False,
+                  disable=None) as progress:
+            for i0 in starts:
+                rows = slice(i0, min(i0 + self.block_size, n))
+                for j0 in range(i0, n, self.block_size):
+                    cols = slice(j0, min(j0 + self.block_size, n))
+                    block = _bounded_sums(p.x32[rows], p.sq32[rows], p.slack32[rows], p.x32[cols], p.sq32[cols],
+                                          p.slack32[cols], self.error32, i0 == j0, i0 != j0, self.threads)
+                    sums[rows] += block[0]
+                    bounds[rows] += block[1]
+                    if i0 != j0:
+                        sums[cols] += block[2]
+                        bounds[cols] += block[3]
+                    progress.update()
+        return sums, bounds
+
+    def best_groups(self) -> list[int]:
         """Groups whose sums are within rounding of the largest (usually one)."""
         while True:
-            if self.top is None:
-                self._refresh()
-            best = self.top_sums.max()
-            if self.outside == -np.inf or best.item() > self.outside + SUM_MARGIN * abs(self.outside):
-                return self.top[self.top_sums >= best - SUM_MARGIN * best.abs()]
-            if self.pending:
-                self.top_size = self.default_top_size
-            else:  # an exact near-tie at the edge of the top set: widen it
-                self.top_size *= 2
-            self.top = None
+            best = self.top_exact.max().item() if self.top.numel() else -np.inf
+            beaten_inside = not _beats(best, self.mid_outside)
+            if _beats(best, self.outside) and not beaten_inside:
+                return self.top[self.top_exact >= best - SUM_MARGIN * abs(best)].tolist()
+            if beaten_inside and self.top.numel():
+                if self.mid_pending:  # the middle tier's bounds may just be stale
+                    self._update_mid()
+                    self.mid_outside = (self.sums[self.mid] + self.bounds[self.mid]).max().item() \
+                        if self.mid.numel() else -np.inf
+                else:
+                    self._choose_top()
+            else:
+                if self.pending:
+                    self.mid_size = self.default_mid_size
+                elif self.top.numel():  # below a bound outside the middle tier: widen it
+                    self.mid_size *= 2
+                self._update_all()
+                self._choose_mid()
+                self._choose_top()
 
-    def remove(self, members: torch.Tensor, dead_groups: list[int]) -> None:
+    def neighbour_list(self, group: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """The group's listed nearest points, their squared distances, and a squared distance
+        below which no unlisted point lies (all taken when it entered the top set)."""
+        return self.lists[group]
+
+    def scan(self, pivot: int) -> tuple[np.ndarray, np.ndarray]:
+        """The other unassigned rows and their squared distances to the pivot (from the packed copy)."""
+        p = self.packed
+        d2 = squared_distances(self.x[[pivot]], self.sq_norms[[pivot]], p.x64, p.sq64)[0]
+        alive = (p.alive & (p.rows != pivot)).nonzero().squeeze(1)
+        return p.rows[alive].cpu().numpy(), d2[alive].cpu().numpy()
+
+    def remove(self, members: np.ndarray, member_groups: np.ndarray, dead_groups: list[int]) -> None:
         """Account for newly assigned rows; `dead_groups` have no unassigned copy left."""
-        distances = squared_distances(self.top_x, self.top_sq_norms, self.x[members], self.sq_norms[members])
-        self.top_sums -= distances.sqrt_().sum(1)
+        rows = torch.as_tensor(members, device=self.x.device)
+        distances = squared_distances(self.top_x, self.top_sq_norms, self.x[rows], self.sq_norms[rows]).sqrt_()
+        for column, group in enumerate(member_groups.tolist()):
+            if group in self.slots:  # a copy of a top-tier vector: exactly 0
+                distances[self.slots[group], column] = 0.0
+        self.top_exact -= distances.sum(1)
         if dead_groups:
-            dead = torch.tensor(dead_groups, device=self.x.device)
-            self.sums[dead] = -torch.inf
-            self.top_sums[torch.isin(self.top, dead)] = -torch.inf
+            self.sums[torch.tensor(dead_groups, device=self.x.device)] = -torch.inf
+            dead_slots = [self.slots[group] for group in dead_groups if group in self.slots]
+            self.top_exact[torch.tensor(dead_slots, dtype=torch.long, device=self.x.device)] = -torch.inf
             self.live -= len(dead_groups)
-        self.pending.append(members)
+        self.packed.alive[self.packed.position[rows]] = False
+        self.pending.append(rows)
+        self.mid_pending.append(rows)
 
-    def _refresh(self) -> None:
+    def _subtract_from_mid(self, assigned: torch.Tensor) -> None:
+        """The middle tier's float32 estimates lose their distances to the `assigned` rows."""
+        cols_x = self.x[assigned].float()
+        cols_sq, cols_slack = _float32_norms_and_slack(self.x[assigned], cols_x)
+        total, bound = _bounded_sums(self.mid_x32, self.mid_sq32, self.mid_slack32, cols_x, cols_sq, cols_slack,
+                                     self.error32, False, False)
+        self.sums[self.mid] -= total
+        self.bounds[self.mid] += bound
+
+    def _update_mid(self) -> None:
+        if self.mid_pending:
+            self._subtract_from_mid(torch.cat(self.mid_pending))
+        self.mid_pending = []
+
+    def _update_all(self) -> None:
+        """All estimates up to date: the middle tier from its own pending rows, the rest in one wide
+        product over the packed unassigned points (whose middle-tier rows are left as they were)."""
+        self._update_mid()
         if self.pending:
-            self._subtract_pending()
-        size = min(self.top_size, self.live)
-        ranked_sums, ranked = self.sums.topk(min(size + 1, self.live))
-        self.top, self.top_sums = ranked[:size], ranked_sums[:size].clone()
-        self.top_x, self.top_sq_norms = self.x[self.top], self.sq_norms[self.top]
-        self.outside = ranked_sums[size].item() if self.live > size else -np.inf
+            self._subtract_from_all()
 
-    def _subtract_pending(self) -> None:
-        pending = torch.cat(self.pending)
-        pending_x, pending_sq_norms = self.x[pending], self.sq_norms[pending]
-        live = torch.isfinite(self.sums).nonzero().squeeze(1)
-        for start in range(0, live.numel(), self.block_size):
-            rows = live[start:start + self.block_size]
-            distances = squared_distances(self.x[rows], self.sq_norms[rows], pending_x, pending_sq_norms)
-            self.sums[rows] -= distances.sqrt_().sum(1)
+    def _subtract_from_all(self) -> None:
+        """The estimates outside the middle tier lose their distances to the rows assigned since."""
+        p = self.packed
+        cols = p.position[torch.cat(self.pending)]
+        in_mid = torch.zeros(self.x.shape[0], dtype=torch.bool, device=self.x.device)
+        in_mid[self.mid] = True
+        for start in range(0, p.rows.numel(), self.block_size):
+            rows = slice(start, start + self.block_size)
+            total, bound = _bounded_sums(p.x32[rows], p.sq32[rows], p.slack32[rows], p.x32[cols], p.sq32[cols],
+                                         p.slack32[cols], self.error32, False, False, self.threads)
+            keep = ~in_mid[p.rows[rows]]
+            self.sums[p.rows[rows][keep]] -= total[keep]
+            self.bounds[p.rows[rows][keep]] += bound[keep]
         self.pending = []
+        self.packed = p.packed_if_sparse(self.x, self.sq_norms)
+
+    def _keys(self) -> torch.Tensor:
+        """Upper bounds of every group's current sum (exact for the top tier; -inf when dead)."""
+        keys = self.sums + self.bounds
+        live_top = torch.isfinite(self.top_exact)
+        keys[self.top] = -torch.inf
+        keys[self.top[live_top]] = self.top_exact[live_top]
+        return keys
+
+    def _choose_mid(self) -> None:
+        """The middle tier: the largest bounds outside the top tier (all estimates up to date)."""
+        keys = self._keys()
+        keys[self.top] = -torch.inf
+        self.mid = keys.topk(min(self.mid_size, self.live)).indices
+        self.mid = self.mid[torch.isfinite(keys[self.mid])]
+        keys[self.mid] = -torch.inf
+        self.outside = keys.max().item() if keys.numel() else -np.inf
+
+    def _choose_top(self) -> None:
+        """Admit to the top tier the middle-tier groups whose bounds reach its largest exact sum, at
+        least `min_newcomers` at a time (each batch reads all unassigned points once) and at most
+        `top_size`; both tiers up to date. Members stay; newcomers get exact sums and lists."""
+        keys = self._keys()
+        members = self.top[torch.isfinite(self.top_exact)]
+        member_exact = keys[members]
+        best = member_exact.max().item() if members.numel() else -np.inf
+        if members.numel() > 2 * self.top_size:  # too many to update every step: the lowest go back
+            kept = member_exact >= min(member_exact.topk(self.top_size).values[-1].item(),
+                                       best - SUM_MARGIN * abs(best))  # never one tied with the best
+            dropped = members[~kept]
+            self.sums[dropped], self.bounds[dropped] = keys[dropped], 0.0
+            self.mid = torch.cat([self.mid, dropped])
+            members, member_exact = members[kept], member_exact[kept]
+        mid_keys = keys[self.mid]
+        needed = int((torch.isfinite(mid_keys) & (mid_keys >= best - SUM_MARGIN * abs(best))).sum())
+        count = min(max(needed, self.min_newcomers), self.top_size, mid_keys.numel()) if needed else 0
+        newcomers = self.mid[mid_keys.topk(count).indices]
+        newcomers = newcomers[torch.isfinite(keys[newcomers])]
+        self.mid = self.mid[~torch.isin(self.mid, newcomers)]
+        self.mid_x32 = self.x[self.mid].float()
+        self.mid_sq32, self.mid_slack32 = _float32_norms_and_slack(self.x[self.mid], self.mid_x32)
+        self.mid_outside = keys[self.mid].max().item() if self.mid.numel() else -np.inf
+        newcomer_exact, lists = self._exact_sums_and_lists(newcomers)
+        self.top, self.top_exact = torch.cat([members, newcomers]), torch.cat([member_exact, newcomer_exact])
+        self.lists = {group: self.lists[group] for group in members.tolist()}
+        self.lists.update(zip(newcomers.tolist(), lists))
+        self.slots = {group: slot for slot, group in enumerate(self.top.tolist())}
+        self.top_x, self.top_sq_norms = self.x[self.top], self.sq_norms[self.top]
+
+    def _exact_sums_and_lists(self, groups: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Float64 sums over the unassigned points and sorted lists of the nearest ones (self excluded).
+
+        Reads the packed rows in place (a gather of the live ones would cost as much as the product).
+        """
+        p = self.packed
+        alive_count = int(p.alive.sum())
+        length = min(self.list_length, alive_count - 1)
+        sums = torch.empty(groups.numel(), dtype=torch.float64, device=self.x.device)
+        list_idx = torch.empty((groups.numel(), length), dtype=torch.long, device=self.x.device)
+        list_d2 = torch.empty((groups.numel(), length), dtype=torch.float64, device=self.x.device)
+        packed_groups, dead = self.first_copy[p.rows], ~p.alive
+        chunk = max(1, self.block_size * self.block_size // p.rows.numel())
+        for start in range(0, groups.numel(), chunk):
+            chosen = groups[start:start + chunk]
+            with cpu_threads(self.threads if chosen.numel() * p.x64.numel() >= PARALLEL_PRODUCT else 1):
+                d2 = squared_distances(self.x[chosen], self.sq_norms[chosen], p.x64, p.sq64)
+            d2[(packed_groups[None, :] == chosen[:, None]) | dead[None, :]] = 0.0  # copies (and self): exactly 0
+            sums[start:start + chunk] = d2.sqrt().sum(1)
+            d2[(p.rows[None, :] == chosen[:, None]) | dead[None, :]] = torch.inf
+            nearest = d2.topk(length, dim=1, largest=False)
+            list_d2[start:start + chunk], list_idx[start:start + chunk] = nearest.values, p.rows[nearest.indices]
+        if length == alive_count - 1:
+            outside = torch.full((groups.numel(),), torch.inf, dtype=torch.float64, device=self.x.device)
+        else:
+            outside = list_d2[:, -1] - self.error64 * (self.sq_norms[groups] + p.sq64.max())
+        return sums, list(zip(list_idx.cpu().numpy(), list_d2.cpu().numpy(), outside.tolist()))
 
 
 def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.device,
-                   block_size: int = 1024, top_size: int = 512, list_length: int = 128) -> np.ndarray:
+                   block_size: int = 1024, top_size: int = 128, list_length: int = 64) -> np.ndarray:
     """Row indices of the k-Same clusters (num_clusters x k, int64), in the order they are formed.
 
     Each row lists the pivot first, then its neighbours by increasing distance (ties: lowest
@@ -226,49 +434,45 @@ def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.
     x = points.to(torch.float64, copy=True)
     x -= x.mean(0)  # centring shrinks the norms, and with them the Gram rounding error
     sq_norms = x.square().sum(1)
-    error = gram_error_factor(x.shape[1])
-    list_length = min(max(list_length, 2 * k), n - 1)
-    sums, list_d2, list_idx = _initial_pass(x, sq_norms, list_length, block_size)
-    sums[torch.as_tensor(group_left == 0, device=device)] = -torch.inf  # later copies: sum kept at the first
-    # Any point missing from a list is at least this far (squared) from the list's owner.
-    list_complete = list_length == n - 1
-    outside_d2 = (list_d2[:, -1] - error * (sq_norms + sq_norms.max())).cpu().numpy()
-
-    pivot_sums = _DistanceSums(x, sq_norms, sums, top_size, block_size)
-    unassigned = torch.ones(n, dtype=torch.bool, device=device)
-    unassigned_host = np.ones(n, dtype=bool)
+    error = gram_error_factor(x.shape[1], F64_UNIT)
+    host_points, host_sq_norms = embeddings[:n], sq_norms.cpu().numpy()
+    unassigned = np.ones(n, dtype=bool)
     clusters = np.empty((n // k, k), dtype=np.int64)
-    with one_cpu_thread():
+    threads = torch.get_num_threads()
+    # Small ops: a second thread costs more than it gains, above all on a busy machine.
+    with one_cpu_thread(), _full_float32_products():
+        pivot_sums = _DistanceSums(x, sq_norms, torch.as_tensor(first_copy, device=device), top_size,
+                                   min(max(list_length, 2 * k), n - 1), block_size, threads)
         for step in tqdm(range(n // k), desc=f"k-Same (k={k})", leave=False, disable=None):
             # Sums this close may be equal in exact arithmetic (always so when two points are
             # left): settle them with exact sums, then by the lowest row index.
             tied = pivot_sums.best_groups()
-            if tied.numel() > 1:
-                exact = _exact_sums(points, tied, unassigned.nonzero().squeeze(1), block_size)
-                tied = tied[exact == exact.max()]
-            pivot = min(next(row for row in copies[group] if unassigned_host[row]) if group in copies else group
-                        for group in tied.tolist())
+            if len(tied) > 1:
+                tied_t = torch.tensor(tied, device=device)
+                exact = _exact_sums(points, tied_t, torch.as_tensor(np.flatnonzero(unassigned), device=device),
+                                    block_size)
+                tied = tied_t[exact == exact.max()].tolist()
+            pivot = min(next(row for row in copies[group] if unassigned[row]) if group in copies else group
+                        for group in tied)
             unassigned[pivot] = False
 
-            listed = list_idx[pivot]
+            listed, listed_d2, outside_d2 = pivot_sums.neighbour_list(int(first_copy[pivot]))
             still = unassigned[listed]
-            neighbours = _closest(points, sq_norms, error, pivot, listed[still], list_d2[pivot][still], k - 1,
-                                  np.inf if list_complete else float(outside_d2[pivot]))
-            if neighbours is None:  # the list ran out: scan every row (contiguous, cheaper than gathering)
-                rows = unassigned.nonzero().squeeze(1)
-                approx_d2 = squared_distances(x[[pivot]], sq_norms[[pivot]], x, sq_norms)[0]
-                neighbours = _closest(points, sq_norms, error, pivot, rows, approx_d2[rows], k - 1, np.inf)
-            members = torch.cat([torch.tensor([pivot], device=device), neighbours])
-            unassigned[members] = False
-            clusters[step] = members.cpu().numpy()
+            neighbours = _closest(host_points, host_sq_norms, error, pivot, listed[still], listed_d2[still], k - 1,
+                                  outside_d2)
+            if neighbours is None:  # the list ran out: scan every unassigned row
+                rows, approx_d2 = pivot_sums.scan(pivot)
+                neighbours = _closest(host_points, host_sq_norms, error, pivot, rows, approx_d2, k - 1, np.inf)
+            clusters[step, 0], clusters[step, 1:] = pivot, neighbours
+            unassigned[neighbours] = False
 
-            unassigned_host[clusters[step]] = False
+            member_groups = first_copy[clusters[step]]
             dead_groups = []
-            for row in clusters[step]:
-                group_left[first_copy[row]] -= 1
-                if group_left[first_copy[row]] == 0:
-                    dead_groups.append(int(first_copy[row]))
-            pivot_sums.remove(members, dead_groups)
+            for group in member_groups.tolist():
+                group_left[group] -= 1
+                if group_left[group] == 0:
+                    dead_groups.append(group)
+            pivot_sums.remove(clusters[step], member_groups, dead_groups)
     return clusters
 
 

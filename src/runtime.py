@@ -42,15 +42,22 @@ def seed_everything(seed: int) -> None:
 
 
 @contextmanager
+def cpu_threads(count: int) -> Iterator[None]:
+    """Run torch CPU ops on `count` threads inside the block (GPU work is unaffected)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
 def one_cpu_thread() -> Iterator[None]:
     """Run torch CPU ops on one thread inside the block (GPU work is unaffected).
 
     For loops of many tiny ops (probe steps, k-Same steps): they gain nothing from a
     second thread, and on a busy machine waking a descheduled one costs more than the op.
     """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with cpu_threads(1):
         yield
-    finally:
-        torch.set_num_threads(previous)

@@ -85,3 +85,40 @@ def test_k_equal_to_n_makes_one_cluster() -> None:
     embeddings = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32)
     anonymized, _ = ksame(embeddings, np.arange(7), 7, CPU)
     np.testing.assert_allclose(anonymized, np.broadcast_to(embeddings.mean(0), (7, 3)), rtol=1e-6, atol=1e-6)
+
+
+def test_float32_sum_bounds_cover_the_exact_sums() -> None:
+    """The certified bounds of the float32 pass hold where its error is largest: norms far above the
+    distances (an offset of 100), exact copies and near copies (distance 1e-6, where sqrt amplifies)."""
+    from src.ksame import F32_UNIT, _bounded_sums, _float32_norms_and_slack, gram_error_factor
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(60, 16)) + 100.0
+    x[10], x[11] = x[3], x[5] + 1e-6  # a copy and a near copy
+    x = torch.from_numpy(x)
+    x32 = x.float()
+    sq, slack = _float32_norms_and_slack(x, x32)
+    exact = torch.cdist(x, x).sum(1)  # float64 distances of the float64 rows
+    factor = gram_error_factor(16, F32_UNIT)
+    whole = _bounded_sums(x32, sq, slack, x32, sq, slack, factor, True, False)
+    assert bool(((whole[0] - exact).abs() <= whole[1]).all())
+    top, bottom = slice(0, 25), slice(25, 60)  # one off-diagonal block, both sides
+    sums = _bounded_sums(x32[top], sq[top], slack[top], x32[bottom], sq[bottom], slack[bottom], factor, False, True)
+    np.testing.assert_array_less((sums[0] - torch.cdist(x[top], x[bottom]).sum(1)).abs(), sums[1])
+    np.testing.assert_array_less((sums[2] - torch.cdist(x[bottom], x[top]).sum(1)).abs(), sums[3])
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+@pytest.mark.parametrize("perturbation", [0.0, 1e-5])
+def test_sums_closer_than_float32_can_tell_follow_the_reference(k: int, perturbation: float) -> None:
+    """Points at integer positions on one axis: many exactly equal distance sums and copies, or,
+    after a perturbation of 1e-5, sums about 1e-5 apart, far below what the float32 bounds can
+    tell; the exact tier must settle them as the reference does, with tiers of every size."""
+    rng = np.random.default_rng(k)
+    embeddings = np.zeros((61, 12))
+    embeddings[:, 0] = rng.integers(0, 9, 61)
+    embeddings[rng.integers(0, 61, 8), 0] += perturbation
+    expected = reference_clusters(embeddings, k)
+    for top_size in (2, 8, 128):
+        np.testing.assert_array_equal(
+            ksame_clusters(embeddings, k, CPU, block_size=8, top_size=top_size, list_length=2), expected)
