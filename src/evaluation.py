@@ -149,9 +149,8 @@ def released_privacy(released_x: np.ndarray, data: ProbeData, seed: int, device:
     mean, std = zscore_stats(data.train_x)
     released, train, test, val = (torch.from_numpy(zscore(x, mean, std)).to(device)
                                   for x in (released_x, data.train_x, data.test_x, data.val_x))
-    train_x = data.train_x
     return {**privacy_metrics(released, train, test, val, seed),
-            "average_mindistance_reference_space": reference_space_mindistance(released_x, train_x, device)}
+            "average_mindistance_reference_space": reference_space_mindistance(released_x, data.train_x, device)}
 
 
 def reference_space_mindistance(released_x: np.ndarray, train_x: np.ndarray, device: torch.device) -> float:
@@ -181,8 +180,8 @@ def run_probing(settings: ProbeSettings, data: ProbeData, training: TrainingSet,
     """Train the probe on `training`, evaluate it at every sigma and units, measure privacy: {path: record}."""
     config = ProbeConfig(lr=settings.lr, batch_size=settings.batch_size, max_epochs=settings.epochs)
     paths = result_paths(settings, training.flag, plain)
-    scaled = (torch.from_numpy(zscore(x, training.mean, training.std)).to(device) for x in (data.val_x, data.test_x))
-    val_x, test_x = scaled
+    val_x, test_x = (torch.from_numpy(zscore(x, training.mean, training.std)).to(device)
+                     for x in (data.val_x, data.test_x))
     source: TrainSource
     if callable(training.source):
         mean_t, std_t = (torch.from_numpy(a).to(device) for a in (training.mean, training.std))
