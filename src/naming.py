@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from src.anonymizers import Anonymizer, anonymizer_of_flag, get_anonymizer
+from src.anonymizers.base import NUMBER
 from src.defaults import DEFAULT_ROOTS
 from src.io import database_dir, dataset_dirname
 from src.options import flag_of, option_fields
 from src.settings import ProbeSettings, StageSettings
 
-NUMBER = r"\d+(?:\.\d*)?(?:e[+-]?\d+)?"  # a non-negative float as f"{value:g}" writes it
 RESULT_NAME = re.compile(rf"^(?P<dataset>.+)_(?P<flag>[^_]+?)-s(?P<seed>\d+)"
                          rf"(?:_sigma-(?P<sigma>{NUMBER})(?:-(?P<units>real|released))?)?\.json$")
 
@@ -31,6 +31,11 @@ def database_command(settings: StageSettings) -> str:
     return command
 
 
+def create_db_command(settings: StageSettings) -> str:
+    """The command that makes the real databases, for the error when one is missing."""
+    return f"python create_db.py {database_command(settings)}"
+
+
 def release_path(settings: StageSettings, anonymizer: Anonymizer, release: Any) -> Path:
     return (database_dir(settings.database_root, settings.dataset, settings.backbone)
             / anonymizer.release_name(release, settings.seed))
@@ -39,7 +44,7 @@ def release_path(settings: StageSettings, anonymizer: Anonymizer, release: Any) 
 def release_hint(settings: StageSettings, anonymizer: Anonymizer, release: Any) -> str:
     """The command that makes a release, for the error when it is missing."""
     if not anonymizer.makes_releases:
-        return f"python create_db.py {database_command(settings)}"
+        return create_db_command(settings)
     flags = [f"--anonymizer {anonymizer.name}"]
     for f in option_fields(type(release)):
         value = getattr(release, f.name)

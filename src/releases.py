@@ -10,8 +10,9 @@ import numpy as np
 from src.anonymizers import Anonymizer, get_anonymizer
 from src.anonymizers.base import ReleaseInputs
 from src.cli import UserError
-from src.io import check_output_folder, database_dir, file_fingerprint, load_database, provenance, save_database
-from src.naming import release_path
+from src.io import (check_output_folder, database_dir, database_paths, file_fingerprint, load_database,
+                    provenance, save_database)
+from src.naming import create_db_command, release_path
 from src.options import settings_record
 from src.runtime import resolve_device, seed_everything
 from src.settings import AnonymizeSettings, StageSettings
@@ -19,16 +20,16 @@ from src.settings import AnonymizeSettings, StageSettings
 
 def load_release_inputs(settings: StageSettings, anonymizer: Anonymizer) -> tuple[ReleaseInputs, dict[str, str]]:
     """Real train (and val, when the anonymizer selects a model on it), checked; and their fingerprints."""
-    folder = database_dir(settings.database_root, settings.dataset, settings.backbone)
-    make_db = f"python create_db.py --dataset {settings.dataset} --backbone {settings.backbone}"
-    train_path = folder / "train.npz"
+    paths = database_paths(settings.database_root, settings.dataset, settings.backbone)
+    make_db = create_db_command(settings)
+    train_path = paths["train"]
     train_x, train_y, _ = load_database(train_path, make_db)
     inputs = {str(train_path): file_fingerprint(train_path)}
     if len(np.unique(train_y)) < 2:
         raise UserError(f"{train_path} holds one class only; there is nothing for a class-conditional release to keep")
     val_x, val_y = train_x[:0], train_y[:0]
     if anonymizer.needs_val:
-        val_path = folder / "val.npz"
+        val_path = paths["val"]
         val_x, val_y, _ = load_database(val_path, make_db)
         if val_x.shape[1] != train_x.shape[1]:
             raise UserError(f"{val_path} has dimension {val_x.shape[1]} but {train_path} has {train_x.shape[1]}; "

@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+NUMBER = r"\d+(?:\.\d*)?(?:e[+-]?\d+)?"  # a non-negative float as f"{value:g}" writes it in flags and names
+
 
 @dataclass(frozen=True)
 class NoSettings:

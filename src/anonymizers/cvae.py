@@ -8,13 +8,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from src.anonymizers.base import Anonymizer, Release, ReleaseInputs
+from src.anonymizers.base import NUMBER, Anonymizer, Release, ReleaseInputs
 from src.cli import UserError
 from src.defaults import (DEFAULT_COUNT_SHARE, DEFAULT_DP_BOUNDS, DEFAULT_DP_EPOCHS, DEFAULT_MAX_GRAD_NORM,
                           ONLINE_FACTOR, SAMPLING_VARIANCE)
 from src.options import check_options, option
 
-NUMBER = r"\d+(?:\.\d*)?(?:e[+-]?\d+)?"  # a non-negative float as f"{value:g}" writes it
 
 
 @dataclass(frozen=True)
