@@ -16,7 +16,7 @@ from src.anonymizers import Anonymizer, anonymizer_of_flag, get_anonymizer
 from src.anonymizers.base import NUMBER
 from src.defaults import DEFAULT_ROOTS
 from src.io import database_dir, dataset_dirname
-from src.options import flag_of, option_fields
+from src.options import command_flags, option_fields
 from src.settings import ProbeSettings, StageSettings
 
 RESULT_NAME = re.compile(rf"^(?P<dataset>.+)_(?P<flag>[^_]+?)-s(?P<seed>\d+)"
@@ -45,14 +45,11 @@ def release_hint(settings: StageSettings, anonymizer: Anonymizer, release: Any) 
     """The command that makes a release, for the error when it is missing."""
     if not anonymizer.makes_releases:
         return create_db_command(settings)
-    flags = [f"--anonymizer {anonymizer.name}"]
-    for f in option_fields(type(release)):
-        value = getattr(release, f.name)
-        if value is not None and value is not False and value != f.default:
-            flags.append(flag_of(f) if value is True else f"{flag_of(f)} {value:g}"
-                         if isinstance(value, float) else f"{flag_of(f)} {value}")
+    changed = {f.name: getattr(release, f.name) for f in option_fields(type(release))
+               if getattr(release, f.name) != f.default}
+    flags = ["--anonymizer", anonymizer.name, *command_flags(type(release), changed)]
     if anonymizer.seeded:
-        flags.append(f"--seed {settings.seed}")
+        flags += ["--seed", str(settings.seed)]
     return f"python anonymize.py {database_command(settings)} {' '.join(flags)}"
 
 

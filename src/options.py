@@ -79,6 +79,27 @@ def from_args(settings_class: type, args: argparse.Namespace, **given: Any) -> A
     return settings_class(**values, **given)
 
 
+def flag_value(value: object) -> str:
+    """Command-line text of a setting's value: integers plainly, floats exactly."""
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def command_flags(settings_class: type, values: dict[str, Any]) -> list[str]:
+    """The command-line flags that set `values` (field name -> value) of a settings class (None and False: unset)."""
+    args = []
+    for f in option_fields(settings_class):
+        value = values.get(f.name)
+        if value is None or value is False:
+            continue
+        if value is True:
+            args.append(flag_of(f))
+        elif isinstance(value, (list, tuple)):
+            args += [flag_of(f), *(flag_value(item) if not isinstance(item, str) else item for item in value)]
+        else:
+            args += [flag_of(f), flag_value(value) if not isinstance(value, str) else value]
+    return args
+
+
 def settings_record(settings: Any) -> dict[str, Any]:
     """What outputs record: the settings' fields, nested settings flattened in, paths as text."""
     record: dict[str, Any] = {}

@@ -15,7 +15,7 @@ from typing import Any
 
 from src.cli import UserError
 from src.io import dataset_dirname
-from src.options import flag_of, option_fields, result_keys, settings_record
+from src.options import command_flags, flag_value, option_fields, result_keys, settings_record
 from src.settings import CreateDbSettings, ProbeSettings
 from src.sweep.config import ONLINE_SUFFIX, REPO_ROOT, AnonymizerGrid, SweepConfig, grid_settings, settings_objects
 
@@ -57,32 +57,11 @@ def make_point(name: str, stage: str, command: list[str], deps: list[str]) -> Po
                  deps)
 
 
-def argument(value: object) -> str:
-    """Command-line text of a config value: integers plainly, floats exactly."""
-    return str(value) if isinstance(value, int) else repr(float(value))
-
-
-def flags(settings_class: type, values: dict[str, Any]) -> list[str]:
-    """The command-line flags that set `values` (field name -> value) of a settings class."""
-    args = []
-    for f in option_fields(settings_class):
-        value = values.get(f.name)
-        if value is None or value is False:
-            continue
-        if value is True:
-            args.append(flag_of(f))
-        elif isinstance(value, (list, tuple)):
-            args += [flag_of(f), *(argument(item) if not isinstance(item, str) else item for item in value)]
-        else:
-            args += [flag_of(f), argument(value) if not isinstance(value, str) else value]
-    return args
-
-
 def anonymizer_flags(grid: AnonymizerGrid, combination: dict[str, Any]) -> tuple[list[str], str]:
     """The flags of one grid combination, and its result flag."""
     objects = settings_objects(grid, combination)
     args = [arg for part in objects.values()
-            for arg in flags(type(part), {f.name: getattr(part, f.name) for f in dataclasses.fields(part)
+            for arg in command_flags(type(part), {f.name: getattr(part, f.name) for f in dataclasses.fields(part)
                                           if f.name in combination})]
     if grid.online:
         return args, grid.anonymizer.flag(objects["release"], online=True)
@@ -94,9 +73,9 @@ def expand(config: SweepConfig, results_dir: Path) -> list[Point]:
     roots = config.paths
     device = ["--device", config.device]
     stores = ["--database_root", roots["database_root"], "--ckpt_root", roots["ckpt_root"]]
-    probe_args = flags(ProbeSettings, config.probe)
+    probe_args = command_flags(ProbeSettings, config.probe)
     noisy = [sigma for sigma in config.sigmas if sigma > 0]
-    noise_args = ["--sigma", *map(argument, noisy), "--noise_units", *config.noise_units]
+    noise_args = ["--sigma", *map(flag_value, noisy), "--noise_units", *config.noise_units]
     points = []
     for dataset in config.datasets:
         safe = dataset_dirname(dataset)  # the dataset name as folders and file names spell it
@@ -105,7 +84,7 @@ def expand(config: SweepConfig, results_dir: Path) -> list[Point]:
                          "dataset_root": roots["dataset_root"], "database_root": roots["database_root"],
                          **config.create_db}
         create = make_point(f"create_db-{safe}", "create_db",
-                            ["create_db.py", *base, *flags(CreateDbSettings, create_values), *device], [])
+                            ["create_db.py", *base, *command_flags(CreateDbSettings, create_values), *device], [])
         points.append(create)
 
         # probes of each seed: (result flag, anonymizer flags, the anonymize point it reads, if any)
@@ -146,7 +125,7 @@ def expand(config: SweepConfig, results_dir: Path) -> list[Point]:
                     label = flag.removeprefix(grid.anonymizer.name + ONLINE_SUFFIX + "-")
                     points.append(make_point(
                         f"online-{safe}-{label}-s{seed}", "probe",
-                        ["probing_noise_cvae.py", *base, *args, "--sigma", *map(argument, config.sigmas),
+                        ["probing_noise_cvae.py", *base, *args, "--sigma", *map(flag_value, config.sigmas),
                          "--noise_units", *config.noise_units, "--seed", str(seed), *results, *probe_args,
                          *device, *stores],
                         made.get((grid.anonymizer.name, seed), [])))
@@ -156,5 +135,5 @@ def expand(config: SweepConfig, results_dir: Path) -> list[Point]:
 def picking_flags(grid: AnonymizerGrid, combination: dict[str, Any]) -> list[str]:
     """The flags that pick a release in the probing scripts (its Release settings)."""
     release = settings_objects(grid, combination)["release"]
-    return flags(type(release), {name: value for name, value in combination.items()
+    return command_flags(type(release), {name: value for name, value in combination.items()
                                  if name in {f.name for f in option_fields(type(release))}})
