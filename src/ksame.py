@@ -121,22 +121,22 @@ def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b:
 
     Returns (row sums, row bounds) and, with `both_sides`, (column sums, column bounds), in float64.
     The Gram form errs by at most e = factor (|a|^2 + |b|^2) on each squared distance, so each
-    distance by at most e / max(d, sqrt(e)); this is bounded per row through the row's largest e
-    and smallest d. `*_slack` hold each row's float32 rounding distance |x32 - x| (covering the
-    cast from the float64 data); a final term covers the rounding of the square roots and sums.
+    computed distance d by at most e / max(d, sqrt(e)); this is bounded per row through the row's
+    largest e and smallest d. `*_slack` hold each row's float32 rounding distance |x32 - x| (covering
+    the cast from the float64 data); a final term covers the rounding of the square roots and sums.
     With `diagonal`, a and b are the same rows, and self distances count as exactly 0.
     """
     with cpu_threads(threads if a.shape[0] * b.shape[0] * a.shape[1] >= PARALLEL_PRODUCT else 1):
         d = torch.addmm(a_sq[:, None].float() + b_sq[None, :].float(), a, b.T, alpha=-2.0)
-    d = d.clamp_(min=0.0).sqrt_()
-    if diagonal:
-        d.fill_diagonal_(torch.inf)
-    sides = [(d.amin(1), a_sq, b_sq.max(), a_slack, b_slack.max(), b.shape[0])]
-    if both_sides:
-        sides.append((d.amin(0), b_sq, a_sq.max(), b_slack, a_slack.max(), a.shape[0]))
-    if diagonal:
-        d.fill_diagonal_(0.0)
-    sums = [d.sum(1)] + ([d.sum(0)] if both_sides else [])
+        d = d.clamp_(min=0.0).sqrt_()
+        if diagonal:
+            d.fill_diagonal_(torch.inf)
+        sides = [(d.amin(1), a_sq, b_sq.max(), a_slack, b_slack.max(), d.shape[1])]
+        if both_sides:
+            sides.append((d.amin(0), b_sq, a_sq.max(), b_slack, a_slack.max(), d.shape[0]))
+        if diagonal:
+            d.fill_diagonal_(0.0)
+        sums = [d.sum(1)] + ([d.sum(0)] if both_sides else [])
     out = []
     for total, (nearest, own_sq, other_sq, own_slack, other_slack, count) in zip(sums, sides):
         total = total.double()
@@ -147,32 +147,47 @@ def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b:
     return tuple(out)
 
 
-def _float32_norms_and_slack(x: torch.Tensor, x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared norms of the float32 rows and their distances to the float64 rows they round."""
-    x32_as64 = x32.double()
-    return x32_as64.square().sum(1), (x32_as64 - x).square_().sum(1).sqrt_()
+def _float32_copy(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows in float32, their squared norms, and their distances to the float64 rows they round
+    (by row blocks, so that no second float64 copy of the matrix is made)."""
+    x32 = x.float()
+    sq32 = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    slack32 = torch.empty_like(sq32)
+    for start in range(0, x.shape[0], block_size):
+        rows = slice(start, start + block_size)
+        as64 = x32[rows].double()
+        sq32[rows] = as64.square().sum(1)
+        slack32[rows] = (as64 - x[rows]).square_().sum(1).sqrt_()
+    return x32, sq32, slack32
 
 
 class _LivePoints:
     """The unassigned points packed together (float64 and float32 copies), for the bulk products.
 
     Re-packed when a third of the rows have been assigned, so that products read few dead rows.
+    The only float32 copy of the points lives here (`float32_of` looks rows up).
     """
 
-    def __init__(self, x: torch.Tensor, sq_norms: torch.Tensor, rows: torch.Tensor) -> None:
+    def __init__(self, x64: torch.Tensor, sq64: torch.Tensor, rows: torch.Tensor, num_points: int,
+                 float32: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         self.rows = rows  # original row index of each packed row
-        whole = rows.numel() == x.shape[0]  # the first packing: no copy needed
-        self.x64, self.sq64 = (x, sq_norms) if whole else (x[rows], sq_norms[rows])
-        self.x32 = self.x64.float()
-        self.sq32, self.slack32 = _float32_norms_and_slack(self.x64, self.x32)
-        self.alive = torch.ones(rows.numel(), dtype=torch.bool, device=x.device)
-        self.position = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
-        self.position[rows] = torch.arange(rows.numel(), device=x.device)
+        self.x64, self.sq64 = x64, sq64
+        self.x32, self.sq32, self.slack32 = float32  # float32 rows, their squared norms, |x32 - x|
+        self.alive = torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
+        self.position = torch.full((num_points,), -1, dtype=torch.long, device=rows.device)
+        self.position[rows] = torch.arange(rows.numel(), device=rows.device)
 
-    def packed_if_sparse(self, x: torch.Tensor, sq_norms: torch.Tensor) -> _LivePoints:
+    def float32_of(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float32 copies, squared norms and rounding distances of packed rows (by original index)."""
+        at = self.position[rows]
+        return self.x32[at], self.sq32[at], self.slack32[at]
+
+    def packed_if_sparse(self) -> _LivePoints:
         if int(self.alive.sum()) > 2 * self.alive.numel() // 3:
             return self
-        return _LivePoints(x, sq_norms, self.rows[self.alive])
+        keep = self.alive.nonzero().squeeze(1)
+        return _LivePoints(self.x64[keep], self.sq64[keep], self.rows[keep], self.position.numel(),
+                           (self.x32[keep], self.sq32[keep], self.slack32[keep]))
 
 
 def _beats(value: float, bound: float) -> bool:
@@ -204,7 +219,8 @@ class _DistanceSums:
         self.error64 = gram_error_factor(x.shape[1], F64_UNIT)
         self.error32 = gram_error_factor(x.shape[1], F32_UNIT)
         n = x.shape[0]
-        self.packed = _LivePoints(x, sq_norms, torch.arange(n, device=x.device))
+        self.product_size = 8 * block_size * block_size  # elements of a product's result, to bound the memory
+        self.packed = _LivePoints(x, sq_norms, torch.arange(n, device=x.device), n, _float32_copy(x, block_size))
         self.sums, self.bounds = self._initial_sums()
         self.sums[first_copy != torch.arange(n, device=x.device)] = -torch.inf  # copies: kept at the first
         self.live = int(torch.isfinite(self.sums).sum())
@@ -294,9 +310,7 @@ class _DistanceSums:
 
     def _subtract_from_mid(self, assigned: torch.Tensor) -> None:
         """The middle tier's float32 estimates lose their distances to the `assigned` rows."""
-        cols_x = self.x[assigned].float()
-        cols_sq, cols_slack = _float32_norms_and_slack(self.x[assigned], cols_x)
-        total, bound = _bounded_sums(self.mid_x32, self.mid_sq32, self.mid_slack32, cols_x, cols_sq, cols_slack,
+        total, bound = _bounded_sums(self.mid_x32, self.mid_sq32, self.mid_slack32, *self.packed.float32_of(assigned),
                                      self.error32, False, False)
         self.sums[self.mid] -= total
         self.bounds[self.mid] += bound
@@ -319,15 +333,16 @@ class _DistanceSums:
         cols = p.position[torch.cat(self.pending)]
         in_mid = torch.zeros(self.x.shape[0], dtype=torch.bool, device=self.x.device)
         in_mid[self.mid] = True
-        for start in range(0, p.rows.numel(), self.block_size):
-            rows = slice(start, start + self.block_size)
+        chunk = max(1, self.product_size // cols.numel())
+        for start in range(0, p.rows.numel(), chunk):
+            rows = slice(start, start + chunk)
             total, bound = _bounded_sums(p.x32[rows], p.sq32[rows], p.slack32[rows], p.x32[cols], p.sq32[cols],
                                          p.slack32[cols], self.error32, False, False, self.threads)
             keep = ~in_mid[p.rows[rows]]
             self.sums[p.rows[rows][keep]] -= total[keep]
             self.bounds[p.rows[rows][keep]] += bound[keep]
         self.pending = []
-        self.packed = p.packed_if_sparse(self.x, self.sq_norms)
+        self.packed = p.packed_if_sparse()
 
     def _keys(self) -> torch.Tensor:
         """Upper bounds of every group's current sum (exact for the top tier; -inf when dead)."""
@@ -367,8 +382,7 @@ class _DistanceSums:
         newcomers = self.mid[mid_keys.topk(count).indices]
         newcomers = newcomers[torch.isfinite(keys[newcomers])]
         self.mid = self.mid[~torch.isin(self.mid, newcomers)]
-        self.mid_x32 = self.x[self.mid].float()
-        self.mid_sq32, self.mid_slack32 = _float32_norms_and_slack(self.x[self.mid], self.mid_x32)
+        self.mid_x32, self.mid_sq32, self.mid_slack32 = self.packed.float32_of(self.mid)
         self.mid_outside = keys[self.mid].max().item() if self.mid.numel() else -np.inf
         newcomer_exact, lists = self._exact_sums_and_lists(newcomers)
         self.top, self.top_exact = torch.cat([members, newcomers]), torch.cat([member_exact, newcomer_exact])
@@ -389,7 +403,7 @@ class _DistanceSums:
         list_idx = torch.empty((groups.numel(), length), dtype=torch.long, device=self.x.device)
         list_d2 = torch.empty((groups.numel(), length), dtype=torch.float64, device=self.x.device)
         packed_groups, dead = self.first_copy[p.rows], ~p.alive
-        chunk = max(1, self.block_size * self.block_size // p.rows.numel())
+        chunk = max(1, self.product_size // p.rows.numel())
         for start in range(0, groups.numel(), chunk):
             chosen = groups[start:start + chunk]
             with cpu_threads(self.threads if chosen.numel() * p.x64.numel() >= PARALLEL_PRODUCT else 1):
