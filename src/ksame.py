@@ -53,8 +53,9 @@ def gram_error_factor(dim: int, unit: float) -> float:
 
 def squared_distances(a: torch.Tensor, a_sq_norms: torch.Tensor, b: torch.Tensor,
                       b_sq_norms: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances between the rows of a and b by the Gram form, clamped at 0."""
-    return (a_sq_norms[:, None] + b_sq_norms[None, :] - 2.0 * (a @ b.T)).clamp_(min=0.0)
+    """Squared Euclidean distances between the rows of a and b by the Gram form, clamped at 0
+    (one product onto the summed norms: no temporaries the size of the result)."""
+    return torch.addmm(a_sq_norms[:, None] + b_sq_norms[None, :], a, b.T, alpha=-2.0).clamp_(min=0.0)
 
 
 @contextmanager
