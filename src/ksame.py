@@ -106,13 +106,18 @@ def _closest(points: np.ndarray, sq_norms: np.ndarray, error: float, pivot: int,
 
 
 def _exact_sums(points: torch.Tensor, chosen: torch.Tensor, rows: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Sums of exact distances from a few chosen points to `rows` (in chunks, to bound the memory)."""
+    """Sums of exact distances from a few chosen points to `rows` (distances in chunks).
+
+    Each point's distances are sorted before they are summed, so that two points with the same
+    multiset of distances (say, m copies of A and m of B left: A and B both sum m d(A, B)) get the
+    same sum, whatever the rows' order; a position-dependent summation could split such a tie.
+    """
     chosen_points = points[chosen].double()[:, None, :]
-    sums = torch.zeros(chosen.numel(), dtype=torch.float64, device=points.device)
+    distances = torch.empty((chosen.numel(), rows.numel()), dtype=torch.float64, device=points.device)
     for start in range(0, rows.numel(), block_size):
         chunk = points[rows[start:start + block_size]].double()
-        sums += (chunk[None, :, :] - chosen_points).square_().sum(2).sqrt_().sum(1)
-    return sums
+        distances[:, start:start + block_size] = (chunk[None, :, :] - chosen_points).square_().sum(2).sqrt_()
+    return distances.sort(dim=1).values.sum(1)
 
 
 def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor,
@@ -165,8 +170,8 @@ def _float32_copy(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch
 class _LivePoints:
     """The unassigned points packed together (float64 and float32 copies), for the bulk products.
 
-    Re-packed when a third of the rows have been assigned, so that products read few dead rows.
-    The only float32 copy of the points lives here (`float32_of` looks rows up).
+    Re-packed when a sixth of the rows have been assigned, so that products read few dead rows.
+    The only float32 copy of the points lives here.
     """
 
     def __init__(self, x64: torch.Tensor, sq64: torch.Tensor, rows: torch.Tensor, num_points: int,
@@ -178,13 +183,8 @@ class _LivePoints:
         self.position = torch.full((num_points,), -1, dtype=torch.long, device=rows.device)
         self.position[rows] = torch.arange(rows.numel(), device=rows.device)
 
-    def float32_of(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Float32 copies, squared norms and rounding distances of packed rows (by original index)."""
-        at = self.position[rows]
-        return self.x32[at], self.sq32[at], self.slack32[at]
-
     def packed_if_sparse(self) -> _LivePoints:
-        if int(self.alive.sum()) > 2 * self.alive.numel() // 3:
+        if int(self.alive.sum()) > 9 * self.alive.numel() // 10:
             return self
         keep = self.alive.nonzero().squeeze(1)
         return _LivePoints(self.x64[keep], self.sq64[keep], self.rows[keep], self.position.numel(),
@@ -210,7 +210,7 @@ class _DistanceSums:
     """
 
     def __init__(self, x: torch.Tensor, sq_norms: torch.Tensor, first_copy: torch.Tensor, top_size: int,
-                 list_length: int, block_size: int, threads: int, mid_factor: int = 8) -> None:
+                 list_length: int, block_size: int, threads: int, mid_factor: int = 4) -> None:
         self.x, self.sq_norms, self.first_copy = x, sq_norms, first_copy
         self.top_size = top_size
         self.default_mid_size = self.mid_size = mid_factor * top_size
@@ -221,7 +221,8 @@ class _DistanceSums:
         self.error32 = gram_error_factor(x.shape[1], F32_UNIT)
         n = x.shape[0]
         self.product_size = 8 * block_size * block_size  # elements of a product's result, to bound the memory
-        self.packed = _LivePoints(x, sq_norms, torch.arange(n, device=x.device), n, _float32_copy(x, block_size))
+        x32, self.sq32, self.slack32 = _float32_copy(x, block_size)  # the norms and slacks of every row stay
+        self.packed = _LivePoints(x, sq_norms, torch.arange(n, device=x.device), n, (x32, self.sq32, self.slack32))
         self.sums, self.bounds = self._initial_sums()
         self.sums[first_copy != torch.arange(n, device=x.device)] = -torch.inf  # copies: kept at the first
         self.live = int(torch.isfinite(self.sums).sum())
@@ -309,9 +310,20 @@ class _DistanceSums:
         self.pending.append(rows)
         self.mid_pending.append(rows)
 
+    def _float32_of(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float32 copies, squared norms and rounding distances of rows, by original index. A group's
+        first row may have been assigned and packed away while copies of it are left: that one is
+        cast again from the float64 rows (the same vector, so the same float32 copy)."""
+        at = self.packed.position[rows]
+        x32 = self.packed.x32[at.clamp(min=0)]
+        absent = at < 0
+        if bool(absent.any()):
+            x32[absent] = self.x[rows[absent]].float()
+        return x32, self.sq32[rows], self.slack32[rows]
+
     def _subtract_from_mid(self, assigned: torch.Tensor) -> None:
         """The middle tier's float32 estimates lose their distances to the `assigned` rows."""
-        total, bound = _bounded_sums(self.mid_x32, self.mid_sq32, self.mid_slack32, *self.packed.float32_of(assigned),
+        total, bound = _bounded_sums(self.mid_x32, self.mid_sq32, self.mid_slack32, *self._float32_of(assigned),
                                      self.error32, False, False)
         self.sums[self.mid] -= total
         self.bounds[self.mid] += bound
@@ -383,7 +395,7 @@ class _DistanceSums:
         newcomers = self.mid[mid_keys.topk(count).indices]
         newcomers = newcomers[torch.isfinite(keys[newcomers])]
         self.mid = self.mid[~torch.isin(self.mid, newcomers)]
-        self.mid_x32, self.mid_sq32, self.mid_slack32 = self.packed.float32_of(self.mid)
+        self.mid_x32, self.mid_sq32, self.mid_slack32 = self._float32_of(self.mid)
         self.mid_outside = keys[self.mid].max().item() if self.mid.numel() else -np.inf
         newcomer_exact, lists = self._exact_sums_and_lists(newcomers)
         self.top, self.top_exact = torch.cat([members, newcomers]), torch.cat([member_exact, newcomer_exact])
@@ -403,15 +415,21 @@ class _DistanceSums:
         sums = torch.empty(groups.numel(), dtype=torch.float64, device=self.x.device)
         list_idx = torch.empty((groups.numel(), length), dtype=torch.long, device=self.x.device)
         list_d2 = torch.empty((groups.numel(), length), dtype=torch.float64, device=self.x.device)
-        packed_groups, dead = self.first_copy[p.rows], ~p.alive
+        packed_groups, dead = self.first_copy[p.rows], (~p.alive).nonzero().squeeze(1)
         chunk = max(1, self.product_size // p.rows.numel())
         for start in range(0, groups.numel(), chunk):
             chosen = groups[start:start + chunk]
             with cpu_threads(self.threads if chosen.numel() * p.x64.numel() >= PARALLEL_PRODUCT else 1):
                 d2 = squared_distances(self.x[chosen], self.sq_norms[chosen], p.x64, p.sq64)
-            d2[(packed_groups[None, :] == chosen[:, None]) | dead[None, :]] = 0.0  # copies (and self): exactly 0
+            # copies of a chosen vector (itself included) are at exactly 0; dead rows count 0 in the sums
+            copies = torch.isin(packed_groups, chosen).nonzero().squeeze(1)
+            same = packed_groups[copies][None, :] == chosen[:, None]
+            d2[:, copies] = torch.where(same, 0.0, d2[:, copies])
+            d2[:, dead] = 0.0
             sums[start:start + chunk] = d2.sqrt().sum(1)
-            d2[(p.rows[None, :] == chosen[:, None]) | dead[None, :]] = torch.inf
+            d2[:, dead] = torch.inf
+            own = p.position[chosen]  # -1 where the group's first row was assigned and packed away
+            d2[own >= 0, own[own >= 0]] = torch.inf  # not itself
             nearest = d2.topk(length, dim=1, largest=False)
             list_d2[start:start + chunk], list_idx[start:start + chunk] = nearest.values, p.rows[nearest.indices]
         if length == alive_count - 1:
@@ -422,7 +440,7 @@ class _DistanceSums:
 
 
 def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.device,
-                   block_size: int = 1024, top_size: int = 128, list_length: int = 64) -> np.ndarray:
+                   block_size: int = 1024, top_size: int = 256, list_length: int = 64) -> np.ndarray:
     """Row indices of the k-Same clusters (num_clusters x k, int64), in the order they are formed.
 
     Each row lists the pivot first, then its neighbours by increasing distance (ties: lowest

@@ -121,3 +121,15 @@ def test_sums_closer_than_float32_can_tell_follow_the_reference(k: int, perturba
     for top_size in (2, 8, 128):
         np.testing.assert_array_equal(
             ksame_clusters(embeddings, k, CPU, block_size=8, top_size=top_size, list_length=2), expected)
+
+
+@pytest.mark.parametrize("seed", [0, 3, 8, 12, 15, 18])
+@pytest.mark.parametrize("k", [2, 3])
+def test_copies_of_few_vectors_follow_the_reference_with_tiny_tiers(seed: int, k: int) -> None:
+    """120 rows that are copies of 12 vectors, with tiers of two groups: groups whose first row was
+    assigned and packed away while copies are left re-enter the tiers, and late in the run two
+    vectors with m copies each have equal sums (m d(A, B)), which must go to the lowest index."""
+    rng = np.random.default_rng(seed)
+    embeddings = rng.normal(size=(12, 6)).astype(np.float32)[rng.integers(0, 12, 120)]
+    np.testing.assert_array_equal(ksame_clusters(embeddings, k, CPU, block_size=8, top_size=2, list_length=2),
+                                  reference_clusters(embeddings, k))
