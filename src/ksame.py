@@ -167,28 +167,42 @@ def _float32_copy(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch
     return x32, sq32, slack32
 
 
-class _LivePoints:
-    """The unassigned points packed together (float64 and float32 copies), for the bulk products.
+def _compacted(values: torch.Tensor, keep: torch.Tensor, block_size: int) -> torch.Tensor:
+    """values[keep] written over the front of `values` itself, by blocks (keep is increasing, so no
+    block reads a row that an earlier block overwrote): no second copy of the matrix is made."""
+    for start in range(0, keep.numel(), block_size):
+        chunk = keep[start:start + block_size]
+        values[start:start + chunk.numel()] = values[chunk]
+    return values[:keep.numel()]
 
-    Re-packed when a sixth of the rows have been assigned, so that products read few dead rows.
-    The only float32 copy of the points lives here.
+
+class _LivePoints:
+    """The unassigned points packed together (the only float64 and float32 copies of the centred
+    points), for the products over all of them.
+
+    Compacted in place when a sixth of the rows have been assigned, so that products read few
+    dead rows and the memory stays at one copy of each.
     """
 
-    def __init__(self, x64: torch.Tensor, sq64: torch.Tensor, rows: torch.Tensor, num_points: int,
-                 float32: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        self.rows = rows  # original row index of each packed row
+    def __init__(self, x64: torch.Tensor, sq64: torch.Tensor, float32: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 block_size: int) -> None:
+        self.rows = torch.arange(x64.shape[0], device=x64.device)  # original row index of each packed row
         self.x64, self.sq64 = x64, sq64
         self.x32, self.sq32, self.slack32 = float32  # float32 rows, their squared norms, |x32 - x|
-        self.alive = torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
-        self.position = torch.full((num_points,), -1, dtype=torch.long, device=rows.device)
-        self.position[rows] = torch.arange(rows.numel(), device=rows.device)
+        self.alive = torch.ones(x64.shape[0], dtype=torch.bool, device=x64.device)
+        self.position = self.rows.clone()  # packed position of each original row; -1 once packed away
+        self.block_size = block_size
 
-    def packed_if_sparse(self) -> _LivePoints:
-        if int(self.alive.sum()) > 9 * self.alive.numel() // 10:
-            return self
+    def compact_if_sparse(self) -> None:
+        if int(self.alive.sum()) > 5 * self.alive.numel() // 6:
+            return
         keep = self.alive.nonzero().squeeze(1)
-        return _LivePoints(self.x64[keep], self.sq64[keep], self.rows[keep], self.position.numel(),
-                           (self.x32[keep], self.sq32[keep], self.slack32[keep]))
+        self.x64, self.sq64, self.x32, self.sq32, self.slack32, self.rows = (
+            _compacted(values, keep, self.block_size)
+            for values in (self.x64, self.sq64, self.x32, self.sq32, self.slack32, self.rows))
+        self.alive = torch.ones(keep.numel(), dtype=torch.bool, device=keep.device)
+        self.position.fill_(-1)
+        self.position[self.rows] = torch.arange(keep.numel(), device=keep.device)
 
 
 def _beats(value: float, bound: float) -> bool:
@@ -209,9 +223,13 @@ class _DistanceSums:
     which also gives their list of nearest points for the neighbour search.
     """
 
-    def __init__(self, x: torch.Tensor, sq_norms: torch.Tensor, first_copy: torch.Tensor, top_size: int,
-                 list_length: int, block_size: int, threads: int, mid_factor: int = 4) -> None:
-        self.x, self.sq_norms, self.first_copy = x, sq_norms, first_copy
+    def __init__(self, points: torch.Tensor, first_copy: torch.Tensor, top_size: int, list_length: int,
+                 block_size: int, threads: int, mid_factor: int = 4) -> None:
+        self.points, self.first_copy = points, first_copy
+        x = points.to(torch.float64, copy=True)
+        self.mean = x.mean(0)
+        x -= self.mean  # centring shrinks the norms, and with them the Gram rounding error
+        self.sq_norms = x.square().sum(1)
         self.top_size = top_size
         self.default_mid_size = self.mid_size = mid_factor * top_size
         self.threads = threads  # for the large products; everything else runs on one
@@ -220,26 +238,32 @@ class _DistanceSums:
         self.error64 = gram_error_factor(x.shape[1], F64_UNIT)
         self.error32 = gram_error_factor(x.shape[1], F32_UNIT)
         n = x.shape[0]
+        self.device = x.device
         self.product_size = 8 * block_size * block_size  # elements of a product's result, to bound the memory
         x32, self.sq32, self.slack32 = _float32_copy(x, block_size)  # the norms and slacks of every row stay
-        self.packed = _LivePoints(x, sq_norms, torch.arange(n, device=x.device), n, (x32, self.sq32, self.slack32))
+        self.packed = _LivePoints(x, self.sq_norms.clone(), (x32, self.sq32.clone(), self.slack32.clone()), block_size)
         self.sums, self.bounds = self._initial_sums()
-        self.sums[first_copy != torch.arange(n, device=x.device)] = -torch.inf  # copies: kept at the first
+        self.sums[first_copy != torch.arange(n, device=self.device)] = -torch.inf  # copies: kept at the first
         self.live = int(torch.isfinite(self.sums).sum())
         self.pending: list[torch.Tensor] = []  # assigned since the last update of all estimates
         self.mid_pending: list[torch.Tensor] = []  # assigned since the last update of the middle tier
-        empty = torch.zeros(0, dtype=torch.long, device=x.device)
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
         self.top, self.mid = empty, empty
-        self.top_exact = torch.zeros(0, dtype=torch.float64, device=x.device)
+        self.top_exact = torch.zeros(0, dtype=torch.float64, device=self.device)
         self.lists: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
         self.slots: dict[int, int] = {}
         self.outside = self.mid_outside = np.inf  # largest bound outside the middle tier / inside it
+
+    def centred(self, rows: torch.Tensor | list[int]) -> torch.Tensor:
+        """Centred float64 rows by original index, bit for bit as in the packed copy (which has
+        dropped assigned rows, and holds each group's vector at its first row only while it lives)."""
+        return self.points[rows].to(torch.float64) - self.mean
 
     def _initial_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 sums over all pairs with their bounds, each pair of row blocks visited once."""
         p = self.packed
         n = p.rows.numel()
-        sums = torch.zeros(n, dtype=torch.float64, device=self.x.device)
+        sums = torch.zeros(n, dtype=torch.float64, device=self.device)
         bounds = torch.zeros_like(sums)
         starts = range(0, n, self.block_size)
         with tqdm(total=len(starts) * (len(starts) + 1) // 2, desc="k-Same distance sums", leave=False,
@@ -289,22 +313,22 @@ class _DistanceSums:
     def scan(self, pivot: int) -> tuple[np.ndarray, np.ndarray]:
         """The other unassigned rows and their squared distances to the pivot (from the packed copy)."""
         p = self.packed
-        d2 = squared_distances(self.x[[pivot]], self.sq_norms[[pivot]], p.x64, p.sq64)[0]
+        d2 = squared_distances(self.centred([pivot]), self.sq_norms[[pivot]], p.x64, p.sq64)[0]
         alive = (p.alive & (p.rows != pivot)).nonzero().squeeze(1)
         return p.rows[alive].cpu().numpy(), d2[alive].cpu().numpy()
 
     def remove(self, members: np.ndarray, member_groups: np.ndarray, dead_groups: list[int]) -> None:
         """Account for newly assigned rows; `dead_groups` have no unassigned copy left."""
-        rows = torch.as_tensor(members, device=self.x.device)
-        distances = squared_distances(self.top_x, self.top_sq_norms, self.x[rows], self.sq_norms[rows]).sqrt_()
+        rows = torch.as_tensor(members, device=self.device)
+        distances = squared_distances(self.top_x, self.top_sq_norms, self.centred(rows), self.sq_norms[rows]).sqrt_()
         for column, group in enumerate(member_groups.tolist()):
             if group in self.slots:  # a copy of a top-tier vector: exactly 0
                 distances[self.slots[group], column] = 0.0
         self.top_exact -= distances.sum(1)
         if dead_groups:
-            self.sums[torch.tensor(dead_groups, device=self.x.device)] = -torch.inf
+            self.sums[torch.tensor(dead_groups, device=self.device)] = -torch.inf
             dead_slots = [self.slots[group] for group in dead_groups if group in self.slots]
-            self.top_exact[torch.tensor(dead_slots, dtype=torch.long, device=self.x.device)] = -torch.inf
+            self.top_exact[torch.tensor(dead_slots, dtype=torch.long, device=self.device)] = -torch.inf
             self.live -= len(dead_groups)
         self.packed.alive[self.packed.position[rows]] = False
         self.pending.append(rows)
@@ -318,7 +342,7 @@ class _DistanceSums:
         x32 = self.packed.x32[at.clamp(min=0)]
         absent = at < 0
         if bool(absent.any()):
-            x32[absent] = self.x[rows[absent]].float()
+            x32[absent] = self.centred(rows[absent]).float()
         return x32, self.sq32[rows], self.slack32[rows]
 
     def _subtract_from_mid(self, assigned: torch.Tensor) -> None:
@@ -344,7 +368,7 @@ class _DistanceSums:
         """The estimates outside the middle tier lose their distances to the rows assigned since."""
         p = self.packed
         cols = p.position[torch.cat(self.pending)]
-        in_mid = torch.zeros(self.x.shape[0], dtype=torch.bool, device=self.x.device)
+        in_mid = torch.zeros(self.sq_norms.numel(), dtype=torch.bool, device=self.device)
         in_mid[self.mid] = True
         chunk = max(1, self.product_size // cols.numel())
         for start in range(0, p.rows.numel(), chunk):
@@ -355,7 +379,7 @@ class _DistanceSums:
             self.sums[p.rows[rows][keep]] -= total[keep]
             self.bounds[p.rows[rows][keep]] += bound[keep]
         self.pending = []
-        self.packed = p.packed_if_sparse()
+        p.compact_if_sparse()
 
     def _keys(self) -> torch.Tensor:
         """Upper bounds of every group's current sum (exact for the top tier; -inf when dead)."""
@@ -402,7 +426,7 @@ class _DistanceSums:
         self.lists = {group: self.lists[group] for group in members.tolist()}
         self.lists.update(zip(newcomers.tolist(), lists))
         self.slots = {group: slot for slot, group in enumerate(self.top.tolist())}
-        self.top_x, self.top_sq_norms = self.x[self.top], self.sq_norms[self.top]
+        self.top_x, self.top_sq_norms = self.centred(self.top), self.sq_norms[self.top]
 
     def _exact_sums_and_lists(self, groups: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Float64 sums over the unassigned points and sorted lists of the nearest ones (self excluded).
@@ -412,15 +436,15 @@ class _DistanceSums:
         p = self.packed
         alive_count = int(p.alive.sum())
         length = min(self.list_length, alive_count - 1)
-        sums = torch.empty(groups.numel(), dtype=torch.float64, device=self.x.device)
-        list_idx = torch.empty((groups.numel(), length), dtype=torch.long, device=self.x.device)
-        list_d2 = torch.empty((groups.numel(), length), dtype=torch.float64, device=self.x.device)
+        sums = torch.empty(groups.numel(), dtype=torch.float64, device=self.device)
+        list_idx = torch.empty((groups.numel(), length), dtype=torch.long, device=self.device)
+        list_d2 = torch.empty((groups.numel(), length), dtype=torch.float64, device=self.device)
         packed_groups, dead = self.first_copy[p.rows], (~p.alive).nonzero().squeeze(1)
         chunk = max(1, self.product_size // p.rows.numel())
         for start in range(0, groups.numel(), chunk):
             chosen = groups[start:start + chunk]
             with cpu_threads(self.threads if chosen.numel() * p.x64.numel() >= PARALLEL_PRODUCT else 1):
-                d2 = squared_distances(self.x[chosen], self.sq_norms[chosen], p.x64, p.sq64)
+                d2 = squared_distances(self.centred(chosen), self.sq_norms[chosen], p.x64, p.sq64)
             # copies of a chosen vector (itself included) are at exactly 0; dead rows count 0 in the sums
             copies = torch.isin(packed_groups, chosen).nonzero().squeeze(1)
             same = packed_groups[copies][None, :] == chosen[:, None]
@@ -433,7 +457,7 @@ class _DistanceSums:
             nearest = d2.topk(length, dim=1, largest=False)
             list_d2[start:start + chunk], list_idx[start:start + chunk] = nearest.values, p.rows[nearest.indices]
         if length == alive_count - 1:
-            outside = torch.full((groups.numel(),), torch.inf, dtype=torch.float64, device=self.x.device)
+            outside = torch.full((groups.numel(),), torch.inf, dtype=torch.float64, device=self.device)
         else:
             outside = list_d2[:, -1] - self.error64 * (self.sq_norms[groups] + p.sq64.max())
         return sums, list(zip(list_idx.cpu().numpy(), list_d2.cpu().numpy(), outside.tolist()))
@@ -464,18 +488,16 @@ def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.
     group_left = np.bincount(first_copy, minlength=n)  # unassigned copies, kept at each group's first row
 
     points = torch.as_tensor(np.ascontiguousarray(embeddings[:n]), device=device)  # for exact distances
-    x = points.to(torch.float64, copy=True)
-    x -= x.mean(0)  # centring shrinks the norms, and with them the Gram rounding error
-    sq_norms = x.square().sum(1)
-    error = gram_error_factor(x.shape[1], F64_UNIT)
-    host_points, host_sq_norms = embeddings[:n], sq_norms.cpu().numpy()
+    error = gram_error_factor(points.shape[1], F64_UNIT)
+    host_points = embeddings[:n]
     unassigned = np.ones(n, dtype=bool)
     clusters = np.empty((n // k, k), dtype=np.int64)
     threads = torch.get_num_threads()
     # Small ops: a second thread costs more than it gains, above all on a busy machine.
     with one_cpu_thread(), _full_float32_products():
-        pivot_sums = _DistanceSums(x, sq_norms, torch.as_tensor(first_copy, device=device), top_size,
+        pivot_sums = _DistanceSums(points, torch.as_tensor(first_copy, device=device), top_size,
                                    min(max(list_length, 2 * k), n - 1), block_size, threads)
+        host_sq_norms = pivot_sums.sq_norms.cpu().numpy()
         for step in tqdm(range(n // k), desc=f"k-Same (k={k})", leave=False, disable=None):
             # Sums this close may be equal in exact arithmetic (always so when two points are
             # left): settle them with exact sums, then by the lowest row index.
