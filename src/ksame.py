@@ -7,7 +7,8 @@ the k points assigned. Every member is replaced by its cluster mean and keeps it
 Ties go to the lowest row index.
 
 The reference materialises the N x N distance matrix and rescans it every step. Here
-memory is O(N D) and the work is close to two float32 passes over all pairs:
+memory is one float64 and one float32 copy of the centred points (compacted in place as
+points are assigned), and the work is close to two float32 passes over all pairs:
 
 - One blocked float32 pass over all pairs gives each point's distance sum with a certified
   error bound (`_bounded_sums`); estimate + bound is an upper bound of the sum, which only
@@ -24,7 +25,9 @@ memory is O(N D) and the work is close to two float32 passes over all pairs:
 Float64 distances use the Gram form |a|^2 + |b|^2 - 2 a.b on mean-centred vectors, with a
 rigorous rounding bound. Neighbour choices within that bound of each other are settled by
 exact differences of the input vectors, and sums within 1e-10 of the maximum by exact
-sums, so duplicates are at distance 0 and ties go to the lowest index as in the reference.
+sums (each point's distances sorted before they are added, so that equal multisets of
+distances give equal sums), so duplicates are at distance 0 and ties go to the lowest index
+as in the reference.
 Identical vectors share one distance sum (kept at the first copy), so the first unassigned
 copy becomes the pivot whatever the matrix-product rounding.
 """
