@@ -17,7 +17,8 @@ just before the run is shown beside it), and whether the clusters equal the refe
 
     python benchmarks/bench_ksame.py                              # N = 546, 5000, 20000; k = 5
     python benchmarks/bench_ksame.py --sizes 20000 --k 2 5 10
-    python benchmarks/bench_ksame.py --sizes 20000 60000 100000   # the reference only up to 20000
+    python benchmarks/bench_ksame.py --sizes 20000 60000 100000   # the reference only up to 20000;
+                                                                  # x gram N0: over the Gram of N = 20000
     python benchmarks/bench_ksame.py --device cuda --sizes 20000 100000
 """
 from __future__ import annotations
@@ -170,13 +171,16 @@ def main() -> None:
     runs = [(n, k) for n in args.sizes for k in args.k] + ([(60000, 2)] if args.large else [])
     print(f"Gaussian mixture, D = {DIM}, {NUM_CLASSES} classes, {args.threads} CPU thread(s). Each method in its own"
           " process; time excludes data generation; peak = ru_maxrss of that process (imports and data included);"
-          " x gram = time / time of one float64 Gram matrix of the same data, same run.")
+          " x gram = time / time of one float64 Gram matrix of the same data, same run; x gram N0 = time / that"
+          f" Gram time at the first size, N0 = {runs[0][0]}.")
     print(f"{'N':>6} {'k':>3} {'method':<10} {'device':<6} {'seconds':>9} {'RSS before MB':>14} {'peak RSS MB':>12}"
-          f" {'x gram':>7} {'speed-up':>9} {'same clusters':>14}", flush=True)
+          f" {'x gram':>7} {'x gram N0':>10} {'speed-up':>9} {'same clusters':>14}", flush=True)
+    first_gram = None
     for num_samples, k in runs:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             gram = run_worker("gram", num_samples, k, args.threads, args.device, out)
+            first_gram = first_gram or gram
             ours = run_worker("ours", num_samples, k, args.threads, args.device, out)
             reference = None
             if num_samples <= args.skip_reference_above:
@@ -186,11 +190,12 @@ def main() -> None:
                 if result is None:
                     continue
                 over_gram = f"{result['seconds'] / gram['seconds']:.2f}"
+                over_first = f"{result['seconds'] / first_gram['seconds']:.2f}"
                 ratio = f"{reference['seconds'] / ours['seconds']:.1f}x" if reference and name == "ours" else ""
                 agree = ("yes" if same else "NO") if reference and name == "ours" else ""
                 print(f"{num_samples:>6} {k:>3} {name:<10} {result['device']:<6} {result['seconds']:>9.2f}"
-                      f" {result['before_mb']:>14.0f} {result['peak_mb']:>12.0f} {over_gram:>7} {ratio:>9}"
-                      f" {agree:>14}", flush=True)
+                      f" {result['before_mb']:>14.0f} {result['peak_mb']:>12.0f} {over_gram:>7} {over_first:>10}"
+                      f" {ratio:>9} {agree:>14}", flush=True)
 
 
 if __name__ == "__main__":
