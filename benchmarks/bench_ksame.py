@@ -20,6 +20,7 @@ just before the run is shown beside it), and whether the clusters equal the refe
     python benchmarks/bench_ksame.py --sizes 20000 60000 100000   # the reference only up to 20000;
                                                                   # x gram N0: over the Gram of N = 20000
     python benchmarks/bench_ksame.py --device cuda --sizes 20000 100000
+    python benchmarks/bench_ksame.py --sizes 20000 --skip-reference-above 0 --phases   # where the time goes
 """
 from __future__ import annotations
 
@@ -39,6 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DIM = 768
 NUM_CLASSES = 5
+# The phases of src/ksame.py that --phases reports (cumulative time of each function under cProfile).
+PHASES = {
+    "_initial_sums": "float32 pass over all pairs",
+    "_subtract_from_all": "float32 bulk updates",
+    "_exact_sums_and_lists": "float64 passes admitting groups to the exact tier",
+    "_update_mid": "middle-tier updates",
+    "remove": "exact-tier updates, every step",
+    "_closest": "neighbour choice, every step",
+}
 
 
 def gaussian_mixture(num_samples: int, seed: int = 0) -> np.ndarray:
@@ -126,10 +136,19 @@ def worker(method: str, num_samples: int, k: int, device_name: str, out: Path) -
         torch.cuda.synchronize()
     before = resident_mb()
     start = time.perf_counter()
+    phases = {}
     if method == "ours":
         clusters = ksame_clusters(embeddings, k, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
+    elif method == "phases":  # the same run under cProfile, for its time per phase
+        import cProfile
+        import pstats
+
+        profile = cProfile.Profile()
+        clusters = profile.runcall(ksame_clusters, embeddings, k, device)
+        phases = {name: [seconds, calls] for (path, _, name), (_, calls, _, seconds, _) in
+                  pstats.Stats(profile).stats.items() if path.endswith("ksame.py") and name in PHASES}
     elif method == "gram":
         gram_product(embeddings, device.type)
     else:
@@ -139,7 +158,7 @@ def worker(method: str, num_samples: int, k: int, device_name: str, out: Path) -
         np.save(out / f"{method}.npy", clusters)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / f"{method}.json").write_text(json.dumps({"seconds": seconds, "peak_mb": peak, "before_mb": before,
-                                                    "device": str(device)}))
+                                                    "device": str(device), "phases": phases}))
 
 
 def run_worker(method: str, num_samples: int, k: int, threads: int, device: str, out: Path) -> dict:
@@ -161,7 +180,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="CPU threads for every method (on a busy shared machine, 1 is the least noisy)")
     parser.add_argument("--device", default="auto", help="device for k-Same and the Gram product: auto, cpu, cuda")
-    parser.add_argument("--worker", choices=["ours", "gram", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--phases", action="store_true",
+                        help="also run k-Same once more under cProfile and print the time of each phase")
+    parser.add_argument("--worker", choices=["ours", "gram", "reference", "phases"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -196,6 +217,13 @@ def main() -> None:
                 print(f"{num_samples:>6} {k:>3} {name:<10} {result['device']:<6} {result['seconds']:>9.2f}"
                       f" {result['before_mb']:>14.0f} {result['peak_mb']:>12.0f} {over_gram:>7} {over_first:>10}"
                       f" {ratio:>9} {agree:>14}", flush=True)
+            if args.phases:
+                profiled = run_worker("phases", num_samples, k, args.threads, args.device, out)
+                print(f"  phases of one more run under cProfile ({profiled['seconds']:.2f} s, profiling included):")
+                for function, label in PHASES.items():
+                    seconds, calls = profiled["phases"].get(function, [0.0, 0])
+                    print(f"    {label:<52} {seconds:>8.2f} s {100 * seconds / profiled['seconds']:>5.1f} %"
+                          f" {calls:>7} calls", flush=True)
 
 
 if __name__ == "__main__":
