@@ -136,8 +136,7 @@ def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b:
     With `diagonal`, a and b are the same rows, and self distances count as exactly 0.
     """
     with cpu_threads(threads if a.shape[0] * b.shape[0] * a.shape[1] >= PARALLEL_PRODUCT else 1):
-        d = torch.addmm(a_sq[:, None].float() + b_sq[None, :].float(), a, b.T, alpha=-2.0)
-        d = d.clamp_(min=0.0).sqrt_()
+        d = squared_distances(a, a_sq.float(), b, b_sq.float()).sqrt_()
         if diagonal:
             d.fill_diagonal_(torch.inf)
         sides = [(d.amin(1), a_sq, b_sq.max(), a_slack, b_slack.max(), d.shape[1])]
