@@ -238,11 +238,17 @@ def online_training_set(settings: ProbeSettings, data: ProbeData, device: torch.
                            database_dir(settings.ckpt_root, settings.dataset, settings.backbone))
     draw, key, trained = anonymizer.sampler(inputs, settings.release, settings.making, settings.online,
                                             settings.seed, device)
-    epoch_x, epoch_y = (tensor.cpu().numpy() for tensor in draw(0))
+    first_epoch = [draw(0)]  # decoded once: measured here, then handed to the probe as its epoch 0
+
+    def source(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return first_epoch.pop() if epoch == 0 and first_epoch else draw(epoch)
+
+    # on the CPU these share memory with epoch 0, which the probe z-scores in place: measured and copied first
+    epoch_x, epoch_y = (tensor.cpu().numpy() for tensor in first_epoch[0])
     count = len(data.train_y)
     whole_epoch = released_privacy(epoch_x, data, settings.seed, device)
     mean, std = zscore_stats(data.train_x)
-    return TrainingSet(anonymizer.flag(settings.release, online=True), draw, epoch_x[:count].copy(),
+    return TrainingSet(anonymizer.flag(settings.release, online=True), source, epoch_x[:count].copy(),
                        epoch_y[:count].copy(), mean, std,
                        {**key, "zscore": "real train", "val": array_fingerprint(data.val_x, data.val_y)},
                        {"n_released": len(epoch_x), "n_privacy": count, **dp_record(trained),
