@@ -445,19 +445,22 @@ class _DistanceSums:
         chunk = max(1, self.product_size // p.rows.numel())
         for start in range(0, groups.numel(), chunk):
             chosen = groups[start:start + chunk]
+            # The elementwise passes over the product are as long as it is wide: all threads for them too.
             with cpu_threads(self.threads if chosen.numel() * p.x64.numel() >= PARALLEL_PRODUCT else 1):
                 d2 = squared_distances(self.centred(chosen), self.sq_norms[chosen], p.x64, p.sq64)
-            # copies of a chosen vector (itself included) are at exactly 0; dead rows count 0 in the sums
-            copies = torch.isin(packed_groups, chosen).nonzero().squeeze(1)
-            same = packed_groups[copies][None, :] == chosen[:, None]
-            d2[:, copies] = torch.where(same, 0.0, d2[:, copies])
-            d2[:, dead] = 0.0
-            sums[start:start + chunk] = d2.sqrt().sum(1)
-            d2[:, dead] = torch.inf
-            own = p.position[chosen]  # -1 where the group's first row was assigned and packed away
-            d2[own >= 0, own[own >= 0]] = torch.inf  # not itself
-            nearest = d2.topk(length, dim=1, largest=False)
-            list_d2[start:start + chunk], list_idx[start:start + chunk] = nearest.values, p.rows[nearest.indices]
+                # copies of a chosen vector (itself included) are at exactly 0
+                copies = torch.isin(packed_groups, chosen).nonzero().squeeze(1)
+                same = packed_groups[copies][None, :] == chosen[:, None]
+                d2[:, copies] = torch.where(same, 0.0, d2[:, copies])
+                own = p.position[chosen]  # -1 where the group's first row was assigned and packed away
+                chosen_at, own = (own >= 0).nonzero().squeeze(1), own[own >= 0]
+                d2[:, dead] = torch.inf  # neither dead rows nor itself in the lists
+                d2[chosen_at, own] = torch.inf
+                nearest = d2.topk(length, dim=1, largest=False)
+                list_d2[start:start + chunk], list_idx[start:start + chunk] = nearest.values, p.rows[nearest.indices]
+                d2[:, dead] = 0.0  # dead rows count 0 in the sums, and so does itself
+                d2[chosen_at, own] = 0.0
+                sums[start:start + chunk] = d2.sqrt_().sum(1)
         if length == alive_count - 1:
             outside = torch.full((groups.numel(),), torch.inf, dtype=torch.float64, device=self.device)
         else:
