@@ -7,16 +7,20 @@ the k points assigned. Every member is replaced by its cluster mean and keeps it
 Ties go to the lowest row index.
 
 The reference materialises the N x N distance matrix and rescans it every step. Here
-memory is one float64 and one float32 copy of the centred points (compacted in place as
-points are assigned), and the work is close to two float32 passes over all pairs:
+memory is one float64 and one float32 copy of the centred points (packed again as points
+are assigned), and the work is close to two float32 passes over all pairs:
 
 - One blocked float32 pass over all pairs gives each point's distance sum with a certified
   error bound (`_bounded_sums`); estimate + bound is an upper bound of the sum, which only
   shrinks as points are assigned.
 - `_DistanceSums` keeps three tiers: a small top tier with exact float64 sums updated every
   step, a middle tier of float32 estimates updated every few steps, and the rest updated in
-  one wide float32 product every few dozen steps. A tier is brought up to date only when the
-  one above can no longer certify the maximum.
+  one wide float32 product every few dozen steps, except a tail of estimates far below the
+  maximum, updated only when one of them may come near it, in one product as wide as all the
+  rows it has missed. A tier is brought up to date only when the one above can no longer
+  certify the maximum.
+- On a CPU, the float32 products run as blocks of rows side by side, one per thread, so that
+  each block's result stays in cache through the elementwise passes that follow the product.
 - A group entering the top tier gets its exact sum and its list of nearest points from one
   float64 pass over the unassigned points; the pivot's neighbours come from that list while
   it still holds enough unassigned points provably nearer than anything outside it, else from
@@ -33,7 +37,8 @@ copy becomes the pivot whatever the matrix-product rounding.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import numpy as np
@@ -46,6 +51,8 @@ from src.runtime import cpu_threads, one_cpu_thread
 SUM_MARGIN = 1e-10  # relative; float64 sums of N distances err by ~1e-13, far below this
 F64_UNIT, F32_UNIT = 2.0 ** -53, 2.0 ** -24  # unit roundoff
 PARALLEL_PRODUCT = 2 ** 27  # multiply-adds from which a product gets every CPU thread; all else runs on one
+TAIL_GAP = 0.02  # estimates this far (relative) below the largest exact sum are updated less often ...
+TAIL_DUE = 0.005  # ... until one of them may come this close to it
 
 
 def gram_error_factor(dim: int, unit: float) -> float:
@@ -182,29 +189,46 @@ class _LivePoints:
     """The unassigned points packed together (the only float64 and float32 copies of the centred
     points), for the products over all of them.
 
-    Compacted in place when a sixth of the rows have been assigned, so that products read few
-    dead rows and the memory stays at one copy of each.
+    The float64 rows keep the input order; the float32 rows are sorted by decreasing distance sum
+    whenever they are packed, so that the rows far below the maximum form a tail that can be
+    updated less often, in wider products. Both are packed again when a sixth of the rows have
+    been assigned, so that products read few dead rows and the memory stays near one copy of each.
     """
 
     def __init__(self, x64: torch.Tensor, sq64: torch.Tensor, float32: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                  block_size: int) -> None:
-        self.rows = torch.arange(x64.shape[0], device=x64.device)  # original row index of each packed row
+        self.rows = torch.arange(x64.shape[0], device=x64.device)  # original row index of each float64 row
         self.x64, self.sq64 = x64, sq64
         self.x32, self.sq32, self.slack32 = float32  # float32 rows, their squared norms, |x32 - x|
+        self.rows32 = self.rows.clone()  # original row index of each float32 row
         self.alive = torch.ones(x64.shape[0], dtype=torch.bool, device=x64.device)
-        self.position = self.rows.clone()  # packed position of each original row; -1 once packed away
+        self.position = self.rows.clone()  # float64 position of each original row; -1 once packed away
+        self.position32 = self.rows.clone()  # float32 position of each original row; -1 once packed away
         self.block_size = block_size
 
-    def compact_if_sparse(self) -> None:
-        if int(self.alive.sum()) > 5 * self.alive.numel() // 6:
-            return
+    def sparse(self) -> bool:
+        return int(self.alive.sum()) <= 5 * self.alive.numel() // 6
+
+    def compact(self, keys: torch.Tensor) -> None:
+        """Drop the assigned rows: the float64 ones in place, the float32 ones into a new copy sorted
+        by decreasing `keys` (one float32 copy of the unassigned rows more, for a moment)."""
         keep = self.alive.nonzero().squeeze(1)
-        self.x64, self.sq64, self.x32, self.sq32, self.slack32, self.rows = (
-            _compacted(values, keep, self.block_size)
-            for values in (self.x64, self.sq64, self.x32, self.sq32, self.slack32, self.rows))
+        self.x64, self.sq64, self.rows = (_compacted(values, keep, self.block_size)
+                                          for values in (self.x64, self.sq64, self.rows))
         self.alive = torch.ones(keep.numel(), dtype=torch.bool, device=keep.device)
         self.position.fill_(-1)
         self.position[self.rows] = torch.arange(keep.numel(), device=keep.device)
+        self.sort_float32(keys)
+
+    def sort_float32(self, keys: torch.Tensor) -> None:
+        """The float32 rows of the unassigned points, by decreasing key (ties: by row index)."""
+        live = self.rows32[self.position[self.rows32] >= 0]
+        live = live.sort().values
+        take = self.position32[live[keys[live].argsort(descending=True, stable=True)]]
+        self.x32, self.sq32, self.slack32, self.rows32 = (
+            values[take] for values in (self.x32, self.sq32, self.slack32, self.rows32))
+        self.position32.fill_(-1)
+        self.position32[self.rows32] = torch.arange(take.numel(), device=take.device)
 
 
 def _beats(value: float, bound: float) -> bool:
@@ -226,7 +250,7 @@ class _DistanceSums:
     """
 
     def __init__(self, points: torch.Tensor, first_copy: torch.Tensor, top_size: int, list_length: int,
-                 block_size: int, threads: int, mid_factor: int = 4) -> None:
+                 block_size: int, threads: int, pool: ThreadPoolExecutor | None, mid_factor: int = 4) -> None:
         self.points, self.first_copy = points, first_copy
         x = points.to(torch.float64, copy=True)
         self.mean = x.mean(0)
@@ -235,6 +259,7 @@ class _DistanceSums:
         self.top_size = top_size
         self.default_mid_size = self.mid_size = mid_factor * top_size
         self.threads = threads  # for the large products; everything else runs on one
+        self.pool = pool  # CPU threads for the float32 row blocks, one block each (None: one product on all)
         self.list_length, self.block_size = list_length, block_size
         self.min_newcomers = max(1, top_size // 4)
         self.error64 = gram_error_factor(x.shape[1], F64_UNIT)
@@ -247,6 +272,12 @@ class _DistanceSums:
         self.sums, self.bounds = self._initial_sums()
         self.sums[first_copy != torch.arange(n, device=self.device)] = -torch.inf  # copies: kept at the first
         self.live = int(torch.isfinite(self.sums).sum())
+        self.packed.sort_float32(self.sums + self.bounds)
+        # The float32 rows from tail_start on are the tail: their estimates still lack the rows
+        # assigned since it was set aside (tail_pending), and none is above tail_outside.
+        self.tail_start = self.packed.rows32.numel()
+        self.tail_pending: list[torch.Tensor] = []
+        self.tail_outside = -np.inf
         self.pending: list[torch.Tensor] = []  # assigned since the last update of all estimates
         self.mid_pending: list[torch.Tensor] = []  # assigned since the last update of the middle tier
         empty = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -267,27 +298,37 @@ class _DistanceSums:
         n = p.rows.numel()
         sums = torch.zeros(n, dtype=torch.float64, device=self.device)
         bounds = torch.zeros_like(sums)
-        starts = range(0, n, self.block_size)
-        with tqdm(total=len(starts) * (len(starts) + 1) // 2, desc="k-Same distance sums", leave=False,
-                  disable=None) as progress:
-            for i0 in starts:
-                rows = slice(i0, min(i0 + self.block_size, n))
-                for j0 in range(i0, n, self.block_size):
-                    cols = slice(j0, min(j0 + self.block_size, n))
-                    block = _bounded_sums(p.x32[rows], p.sq32[rows], p.slack32[rows], p.x32[cols], p.sq32[cols],
-                                          p.slack32[cols], self.error32, i0 == j0, i0 != j0, self.threads)
-                    sums[rows] += block[0]
-                    bounds[rows] += block[1]
-                    if i0 != j0:
-                        sums[cols] += block[2]
-                        bounds[cols] += block[3]
-                    progress.update()
+        pairs = [(i0, j0) for i0 in range(0, n, self.block_size) for j0 in range(i0, n, self.block_size)]
+        # With a CPU pool, two blocks run side by side, one per thread (as in the bulk updates).
+        run, threads = (map, self.threads) if self.pool is None else (self.pool.map, 1)
+
+        def block_sums(pair: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+            rows, cols = (slice(start, start + self.block_size) for start in pair)
+            return _bounded_sums(p.x32[rows], p.sq32[rows], p.slack32[rows], p.x32[cols], p.sq32[cols],
+                                 p.slack32[cols], self.error32, pair[0] == pair[1], pair[0] != pair[1], threads)
+
+        for (i0, j0), block in tqdm(zip(pairs, run(block_sums, pairs)), total=len(pairs),
+                                    desc="k-Same distance sums", leave=False, disable=None):
+            rows, cols = slice(i0, i0 + self.block_size), slice(j0, j0 + self.block_size)
+            sums[rows] += block[0]
+            bounds[rows] += block[1]
+            if i0 != j0:
+                sums[cols] += block[2]
+                bounds[cols] += block[3]
         return sums, bounds
+
+    def _best(self) -> float:
+        """The largest exact sum in the top tier (-inf when it is empty)."""
+        return self.top_exact.max().item() if self.top.numel() else -np.inf
+
+    def _tail_due(self, best: float) -> bool:
+        """Whether a tail estimate may come within TAIL_DUE of the largest exact sum."""
+        return self.tail_start < self.packed.rows32.numel() and not _beats(best * (1.0 - TAIL_DUE), self.tail_outside)
 
     def best_groups(self) -> list[int]:
         """Groups whose sums are within rounding of the largest (usually one)."""
         while True:
-            best = self.top_exact.max().item() if self.top.numel() else -np.inf
+            best = self._best()
             beaten_inside = not _beats(best, self.mid_outside)
             if _beats(best, self.outside) and not beaten_inside:
                 return self.top[self.top_exact >= best - SUM_MARGIN * abs(best)].tolist()
@@ -299,7 +340,7 @@ class _DistanceSums:
                 else:
                     self._choose_top()
             else:
-                if self.pending:
+                if self.pending or self._tail_due(best):
                     self.mid_size = self.default_mid_size
                 elif self.top.numel():  # below a bound outside the middle tier: widen it
                     self.mid_size *= 2
@@ -340,7 +381,7 @@ class _DistanceSums:
         """Float32 copies, squared norms and rounding distances of rows, by original index. A group's
         first row may have been assigned and packed away while copies of it are left: that one is
         cast again from the float64 rows (the same vector, so the same float32 copy)."""
-        at = self.packed.position[rows]
+        at = self.packed.position32[rows]
         x32 = self.packed.x32[at.clamp(min=0)]
         absent = at < 0
         if bool(absent.any()):
@@ -360,28 +401,81 @@ class _DistanceSums:
         self.mid_pending = []
 
     def _update_all(self) -> None:
-        """All estimates up to date: the middle tier from its own pending rows, the rest in one wide
-        product over the packed unassigned points (whose middle-tier rows are left as they were)."""
+        """All estimates up to date, or else certainly below TAIL_DUE of the largest exact sum: the
+        middle tier from its own pending rows, the rest in wide products over the packed points."""
         self._update_mid()
-        if self.pending:
+        if self.pending or self._tail_due(self._best()):
             self._subtract_from_all()
 
     def _subtract_from_all(self) -> None:
-        """The estimates outside the middle tier lose their distances to the rows assigned since."""
+        """The estimates outside the middle tier lose their distances to the rows assigned since:
+        the float32 rows before the tail at every call, the tail only when due (or before the rows
+        are packed again), in one product as wide as all the rows it has missed. Then, if there is
+        no tail, the float32 rows whose estimates are far below the largest exact sum become one."""
         p = self.packed
-        cols = p.position[torch.cat(self.pending)]
+        end = p.rows32.numel()
+        if self.pending:
+            assigned = torch.cat(self.pending)
+            self._subtract_rows(slice(0, self.tail_start), assigned)
+            if self.tail_start < end:
+                self.tail_pending.append(assigned)
+        self.pending = []
+        sparse, best = p.sparse(), self._best()
+        if self.tail_start < end and (sparse or self._tail_due(best)):
+            self._subtract_rows(slice(self.tail_start, end), torch.cat(self.tail_pending))
+            self.tail_start, self.tail_pending, self.tail_outside = end, [], -np.inf
+        if sparse:
+            p.compact(self._keys())
+            self.tail_start = p.rows32.numel()
+        if self.tail_start == p.rows32.numel() and self.top.numel():
+            self._set_tail_aside(best)
+
+    def _subtract_rows(self, span: slice, assigned: torch.Tensor) -> None:
+        """The estimates of the float32 rows in `span`, except the middle tier's, lose their distances
+        to the `assigned` rows."""
+        p = self.packed
+        cols = p.position32[assigned]
+        total, bound = self._float32_sums((p.x32[span], p.sq32[span], p.slack32[span]),
+                                          (p.x32[cols], p.sq32[cols], p.slack32[cols]))
+        rows = p.rows32[span]
         in_mid = torch.zeros(self.sq_norms.numel(), dtype=torch.bool, device=self.device)
         in_mid[self.mid] = True
-        chunk = max(1, self.product_size // cols.numel())
-        for start in range(0, p.rows.numel(), chunk):
-            rows = slice(start, start + chunk)
-            total, bound = _bounded_sums(p.x32[rows], p.sq32[rows], p.slack32[rows], p.x32[cols], p.sq32[cols],
-                                         p.slack32[cols], self.error32, False, False, self.threads)
-            keep = ~in_mid[p.rows[rows]]
-            self.sums[p.rows[rows][keep]] -= total[keep]
-            self.bounds[p.rows[rows][keep]] += bound[keep]
-        self.pending = []
-        p.compact_if_sparse()
+        keep = ~in_mid[rows]
+        self.sums[rows[keep]] -= total[keep]
+        self.bounds[rows[keep]] += bound[keep]
+
+    def _float32_sums(self, rows: tuple[torch.Tensor, ...], cols: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Bounded float32 distance sums from each of `rows` to `cols` (each: float32 vectors, their squared
+        norms and rounding distances). With a CPU pool, blocks of rows run side by side, one per thread, so
+        that each result stays in cache through the elementwise passes; else products as large as the
+        memory budget allows, on every thread."""
+        count = rows[0].shape[0]
+        if count == 0:
+            return rows[1][:0], rows[1][:0]
+        if self.pool is None:
+            chunk, threads, run = max(1, self.product_size // cols[0].shape[0]), self.threads, map
+        else:
+            chunk, threads, run = max(1, min(self.block_size, -(-count // self.threads))), 1, self.pool.map
+
+        def block_sums(start: int) -> tuple[torch.Tensor, ...]:
+            return _bounded_sums(*(values[start:start + chunk] for values in rows), *cols, self.error32, False,
+                                 False, threads)
+
+        blocks = list(run(block_sums, range(0, count, chunk)))
+        return torch.cat([block[0] for block in blocks]), torch.cat([block[1] for block in blocks])
+
+    def _set_tail_aside(self, best: float) -> None:
+        """The longest run of float32 rows at the end whose estimates are TAIL_GAP below the largest
+        exact sum becomes the tail (the top and middle tiers are never in it)."""
+        p = self.packed
+        keys = self._keys()
+        keys[self.top] = torch.inf
+        keys[self.mid] = torch.inf
+        keys = keys[p.rows32]
+        above = (keys >= best * (1.0 - TAIL_GAP)).nonzero()
+        start = int(above[-1]) + 1 if above.numel() else 0
+        if p.rows32.numel() - start >= self.block_size:
+            self.tail_start, self.tail_outside = start, keys[start:].max().item()
 
     def _keys(self) -> torch.Tensor:
         """Upper bounds of every group's current sum (exact for the top tier; -inf when dead)."""
@@ -392,13 +486,15 @@ class _DistanceSums:
         return keys
 
     def _choose_mid(self) -> None:
-        """The middle tier: the largest bounds outside the top tier (all estimates up to date)."""
+        """The middle tier: the largest bounds outside the top tier and the tail (all estimates but the
+        tail's up to date)."""
         keys = self._keys()
         keys[self.top] = -torch.inf
+        keys[self.packed.rows32[self.tail_start:]] = -torch.inf  # the tail stays out (its estimates lag)
         self.mid = keys.topk(min(self.mid_size, self.live)).indices
         self.mid = self.mid[torch.isfinite(keys[self.mid])]
         keys[self.mid] = -torch.inf
-        self.outside = keys.max().item() if keys.numel() else -np.inf
+        self.outside = max(keys.max().item() if keys.numel() else -np.inf, self.tail_outside)
 
     def _choose_top(self) -> None:
         """Admit to the top tier the middle-tier groups whose bounds reach its largest exact sum, at
@@ -499,9 +595,10 @@ def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.
     clusters = np.empty((n // k, k), dtype=np.int64)
     threads = torch.get_num_threads()
     # Small ops: a second thread costs more than it gains, above all on a busy machine.
-    with one_cpu_thread(), _full_float32_products():
+    pool = ThreadPoolExecutor(threads) if device.type == "cpu" and threads > 1 else None
+    with one_cpu_thread(), _full_float32_products(), pool or nullcontext():
         pivot_sums = _DistanceSums(points, torch.as_tensor(first_copy, device=device), top_size,
-                                   min(max(list_length, 2 * k), n - 1), block_size, threads)
+                                   min(max(list_length, 2 * k), n - 1), block_size, threads, pool)
         host_sq_norms = pivot_sums.sq_norms.cpu().numpy()
         for step in tqdm(range(n // k), desc=f"k-Same (k={k})", leave=False, disable=None):
             # Sums this close may be equal in exact arithmetic (always so when two points are

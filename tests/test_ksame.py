@@ -7,6 +7,7 @@ import torch
 
 from src.cli import UserError
 from src.ksame import ksame, ksame_clusters
+from src.runtime import cpu_threads
 
 CPU = torch.device("cpu")
 
@@ -33,14 +34,27 @@ def small_blocks(embeddings: np.ndarray, k: int) -> np.ndarray:
     return ksame_clusters(embeddings, k, CPU, block_size=16, top_size=8, list_length=4)
 
 
+def mixture(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=3.0, size=(4, 12))
+    return (centres[rng.integers(0, 4, n)] + rng.normal(size=(n, 12)) + 5.0).astype(np.float32)
+
+
 @pytest.mark.parametrize("n, k", [(40, 2), (61, 2), (75, 3), (101, 5), (123, 10), (200, 5), (203, 3)])
 def test_clusters_match_reference_on_random_data(n: int, k: int) -> None:
-    rng = np.random.default_rng(n * 100 + k)
-    centres = rng.normal(scale=3.0, size=(4, 12))
-    embeddings = (centres[rng.integers(0, 4, n)] + rng.normal(size=(n, 12)) + 5.0).astype(np.float32)
+    embeddings = mixture(n, seed=n * 100 + k)
     expected = reference_clusters(embeddings, k)
     np.testing.assert_array_equal(small_blocks(embeddings, k), expected)
     np.testing.assert_array_equal(ksame_clusters(torch.from_numpy(embeddings), k, CPU), expected)
+
+
+@pytest.mark.parametrize("n, k", [(101, 5), (203, 3)])
+def test_one_thread_gives_the_same_clusters(n: int, k: int) -> None:
+    """On one CPU thread there are no row blocks side by side: each update is one product over all
+    its rows (the path a GPU takes)."""
+    embeddings = mixture(n, seed=n * 100 + k)
+    with cpu_threads(1):
+        np.testing.assert_array_equal(small_blocks(embeddings, k), reference_clusters(embeddings, k))
 
 
 @pytest.mark.parametrize("k", [2, 3, 5, 10])
