@@ -200,6 +200,7 @@ class _LivePoints:
         self.rows = torch.arange(x64.shape[0], device=x64.device)  # original row index of each float64 row
         self.x64, self.sq64 = x64, sq64
         self.x32, self.sq32, self.slack32 = float32  # float32 rows, their squared norms, |x32 - x|
+        self.sq32_of, self.slack32_of = self.sq32, self.slack32  # the same by original row index
         self.rows32 = self.rows.clone()  # original row index of each float32 row
         self.alive = torch.ones(x64.shape[0], dtype=torch.bool, device=x64.device)
         self.position = self.rows.clone()  # float64 position of each original row; -1 once packed away
@@ -210,8 +211,7 @@ class _LivePoints:
         return int(self.alive.sum()) <= 5 * self.alive.numel() // 6
 
     def compact(self, keys: torch.Tensor) -> None:
-        """Drop the assigned rows: the float64 ones in place, the float32 ones into a new copy sorted
-        by decreasing `keys` (one float32 copy of the unassigned rows more, for a moment)."""
+        """Drop the assigned rows, in place; the float32 rows sorted again by decreasing `keys`."""
         keep = self.alive.nonzero().squeeze(1)
         self.x64, self.sq64, self.rows = (_compacted(values, keep, self.block_size)
                                           for values in (self.x64, self.sq64, self.rows))
@@ -221,14 +221,18 @@ class _LivePoints:
         self.sort_float32(keys)
 
     def sort_float32(self, keys: torch.Tensor) -> None:
-        """The float32 rows of the unassigned points, by decreasing key (ties: by row index)."""
-        live = self.rows32[self.position[self.rows32] >= 0]
-        live = live.sort().values
-        take = self.position32[live[keys[live].argsort(descending=True, stable=True)]]
-        self.x32, self.sq32, self.slack32, self.rows32 = (
-            values[take] for values in (self.x32, self.sq32, self.slack32, self.rows32))
+        """The float32 rows of the packed float64 rows (all unassigned: called when packed), by
+        decreasing key (ties: by row index), cast again from the float64 rows into the same buffer
+        (the same values bit for bit, and no second copy)."""
+        order = self.rows[keys[self.rows].argsort(descending=True, stable=True)]
+        x32 = self.x32[:order.numel()]
+        for start in range(0, order.numel(), self.block_size):
+            rows = order[start:start + self.block_size]
+            x32[start:start + rows.numel()] = self.x64[self.position[rows]]
+        self.x32, self.rows32 = x32, order
+        self.sq32, self.slack32 = self.sq32_of[order], self.slack32_of[order]
         self.position32.fill_(-1)
-        self.position32[self.rows32] = torch.arange(take.numel(), device=take.device)
+        self.position32[order] = torch.arange(order.numel(), device=order.device)
 
 
 def _beats(value: float, bound: float) -> bool:
@@ -267,8 +271,7 @@ class _DistanceSums:
         n = x.shape[0]
         self.device = x.device
         self.product_size = 8 * block_size * block_size  # elements of a product's result, to bound the memory
-        x32, self.sq32, self.slack32 = _float32_copy(x, block_size)  # the norms and slacks of every row stay
-        self.packed = _LivePoints(x, self.sq_norms.clone(), (x32, self.sq32.clone(), self.slack32.clone()), block_size)
+        self.packed = _LivePoints(x, self.sq_norms.clone(), _float32_copy(x, block_size), block_size)
         self.sums, self.bounds = self._initial_sums()
         self.sums[first_copy != torch.arange(n, device=self.device)] = -torch.inf  # copies: kept at the first
         self.live = int(torch.isfinite(self.sums).sum())
@@ -386,7 +389,7 @@ class _DistanceSums:
         absent = at < 0
         if bool(absent.any()):
             x32[absent] = self.centred(rows[absent]).float()
-        return x32, self.sq32[rows], self.slack32[rows]
+        return x32, self.packed.sq32_of[rows], self.packed.slack32_of[rows]
 
     def _subtract_from_mid(self, assigned: torch.Tensor) -> None:
         """The middle tier's float32 estimates lose their distances to the `assigned` rows."""
@@ -595,7 +598,8 @@ def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.
     clusters = np.empty((n // k, k), dtype=np.int64)
     threads = torch.get_num_threads()
     # Small ops: a second thread costs more than it gains, above all on a busy machine.
-    pool = ThreadPoolExecutor(threads) if device.type == "cpu" and threads > 1 else None
+    pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) \
+        if device.type == "cpu" and threads > 1 else None
     with one_cpu_thread(), _full_float32_products(), pool or nullcontext():
         pivot_sums = _DistanceSums(points, torch.as_tensor(first_copy, device=device), top_size,
                                    min(max(list_length, 2 * k), n - 1), block_size, threads, pool)
