@@ -252,7 +252,8 @@ class _DistanceSums:
     - top: the largest sums, exact in float64, updated every step (top x k distances);
     - middle (mid_factor x larger): float32 estimates with certified error bounds, updated together
       (one product with the rows assigned since) every few steps;
-    - all others: the same estimates, updated in one wide float32 product every few dozen steps.
+    - all others: the same estimates, updated in one wide float32 product every few dozen steps,
+      except a tail far below the maximum (`_set_tail_aside`), updated only when it may reach it.
     An estimate + its bound is an upper bound of the true sum, since sums only shrink. Groups
     entering the top tier get their exact sum from one float64 pass over the unassigned points,
     which also gives their list of nearest points for the neighbour search.
