@@ -56,10 +56,18 @@ TAIL_GAP = 0.02  # estimates this far (relative) below the largest exact sum are
 TAIL_DUE = 0.005  # ... until one of them may come this close to it
 
 
-def gram_error_factor(dim: int, unit: float) -> float:
-    """Bound factor c with |computed - true| <= c (|a|^2 + |b|^2) for a Gram squared distance:
-    dot products of length D err by at most D u |a||b| (u the unit roundoff); doubled for safety."""
-    return 2.0 * (2 * dim + 8) * unit
+def gram_error_factor(dim: int, unit: float, norm_error: float) -> float:
+    """Bound factor c with |computed - true| <= c S, S = |a|^2 + |b|^2, for a Gram squared distance
+    (`squared_distances`) whose squared norms are each within `norm_error` (relative) of the truth,
+    u the unit roundoff, whatever order the matrix product sums in:
+    - the summed norms, rounded once: within (norm_error + u (1 + norm_error)) S = n S of S;
+    - addmm adds -2 a.b (size <= 2|a||b| <= S) onto them: D + 1 terms of total size <= (2 + n) S, so
+      at most gamma_(D+1) (2 + n) S, gamma_m = m u / (1 - m u) (Higham, Accuracy and Stability, 3.1);
+    - the clamp at 0 only moves it towards the true value, which is >= 0.
+    We take 1% more, for the rounding of this bound itself."""
+    norms = norm_error + unit * (1.0 + norm_error)
+    gamma = (dim + 1) * unit / (1.0 - (dim + 1) * unit)
+    return 1.01 * (norms + gamma * (2.0 + norms))
 
 
 def squared_distances(a: torch.Tensor, a_sq_norms: torch.Tensor, b: torch.Tensor, b_sq_norms: torch.Tensor,
@@ -140,10 +148,12 @@ def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b:
     """Float32 distance sums between the rows of a and b, with rigorous bounds on their error.
 
     Returns (row sums, row bounds) and, with `both_sides`, (column sums, column bounds), in float64.
-    The Gram form errs by at most e = factor (|a|^2 + |b|^2) on each squared distance, so each
-    computed distance d by at most e / max(d, sqrt(e)); this is bounded per row through the row's
-    largest e and smallest d. `*_slack` hold each row's float32 rounding distance |x32 - x| (covering
-    the cast from the float64 data); a final term covers the rounding of the square roots and sums.
+    The Gram form errs by at most e = factor (|a|^2 + |b|^2) on each squared distance, so a distance
+    computed as d errs by at most |d^2 - t^2| / (d + t) <= e / (d + sqrt(d^2 - e)) (t the true one) where
+    d^2 >= e, and by at most sqrt(e) elsewhere; this is bounded per row through the row's largest e and
+    smallest d. `*_slack` hold each row's float32 rounding distance |x32 - x| (covering the cast from
+    the float64 data); a final 2 u of the sum covers the rounding of the square roots (u each) and of
+    the sums, which add the float32 distances in float64.
     With `diagonal`, a and b are the same rows, and self distances count as exactly 0. `out`, when
     given, is a float32 buffer of at least len(a) x len(b) elements that holds the distances.
     """
@@ -156,14 +166,14 @@ def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b:
             sides.append((d.amin(0), b_sq, a_sq.max(), b_slack, a_slack.max(), d.shape[0]))
         if diagonal:
             d.fill_diagonal_(0.0)
-        sums = [d.sum(1)] + ([d.sum(0)] if both_sides else [])
+        sums = [d.sum(1, dtype=torch.float64)] + ([d.sum(0, dtype=torch.float64)] if both_sides else [])
     out = []
     for total, (nearest, own_sq, other_sq, own_slack, other_slack, count) in zip(sums, sides):
-        total = total.double()
         gram = factor * (own_sq + other_sq)
-        denominator = torch.maximum(nearest.double(), gram.sqrt()).clamp_(min=torch.finfo(torch.float64).tiny)
-        bound = count * (gram / denominator + own_slack + other_slack)
-        out += [total, bound + 2.0 * (count + 2) * F32_UNIT * total]
+        nearest = nearest.double() * (1.0 - 4.0 * F32_UNIT)  # below the square root before its rounding
+        denominator = torch.maximum(nearest + (nearest.square() - gram).clamp_(min=0.0).sqrt_(), gram.sqrt())
+        bound = count * (gram / denominator.clamp_(min=torch.finfo(torch.float64).tiny) + own_slack + other_slack)
+        out += [total, bound + 2.0 * F32_UNIT * total]
     return tuple(out)
 
 
@@ -274,8 +284,9 @@ class _DistanceSums:
         self.thread_buffers = threading.local()  # each pool thread's buffer for its products' results
         self.list_length, self.block_size = list_length, block_size
         self.min_newcomers = max(1, top_size // 4)
-        self.error64 = gram_error_factor(x.shape[1], F64_UNIT)
-        self.error32 = gram_error_factor(x.shape[1], F32_UNIT)
+        self.error64 = gram_error_factor(x.shape[1], F64_UNIT, norm_error=x.shape[1] * F64_UNIT)  # summed in float64
+        # float32 rows' norms: summed in float64, then rounded to float32
+        self.error32 = gram_error_factor(x.shape[1], F32_UNIT, norm_error=F32_UNIT + x.shape[1] * F64_UNIT)
         n = x.shape[0]
         self.device = x.device
         self.product_size = 8 * block_size * block_size  # elements of a product's result, to bound the memory
@@ -611,7 +622,6 @@ def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.
     group_left = np.bincount(first_copy, minlength=n)  # unassigned copies, kept at each group's first row
 
     points = torch.as_tensor(np.ascontiguousarray(embeddings[:n]), device=device)  # for exact distances
-    error = gram_error_factor(points.shape[1], F64_UNIT)
     host_points = embeddings[:n]
     unassigned = np.ones(n, dtype=bool)
     clusters = np.empty((n // k, k), dtype=np.int64)
@@ -622,7 +632,7 @@ def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.
     with one_cpu_thread(), _full_float32_products(), pool or nullcontext():
         pivot_sums = _DistanceSums(points, torch.as_tensor(first_copy, device=device), top_size,
                                    min(max(list_length, 2 * k), n - 1), block_size, threads, pool)
-        host_sq_norms = pivot_sums.sq_norms.cpu().numpy()
+        host_sq_norms, error = pivot_sums.sq_norms.cpu().numpy(), pivot_sums.error64
         for step in tqdm(range(n // k), desc=f"k-Same (k={k})", leave=False, disable=None):
             # Sums this close may be equal in exact arithmetic (always so when two points are
             # left): settle them with exact sums, then by the lowest row index.

@@ -104,7 +104,7 @@ def test_k_equal_to_n_makes_one_cluster() -> None:
 def test_float32_sum_bounds_cover_the_exact_sums() -> None:
     """The certified bounds of the float32 pass hold where its error is largest: norms far above the
     distances (an offset of 100), exact copies and near copies (distance 1e-6, where sqrt amplifies)."""
-    from src.ksame import F32_UNIT, _bounded_sums, _float32_copy, gram_error_factor
+    from src.ksame import F32_UNIT, F64_UNIT, _bounded_sums, _float32_copy, gram_error_factor
 
     rng = np.random.default_rng(7)
     x = rng.normal(size=(60, 16)) + 100.0
@@ -112,7 +112,7 @@ def test_float32_sum_bounds_cover_the_exact_sums() -> None:
     x = torch.from_numpy(x)
     x32, sq, slack = _float32_copy(x, 16)
     exact = torch.cdist(x, x).sum(1)  # float64 distances of the float64 rows
-    factor = gram_error_factor(16, F32_UNIT)
+    factor = gram_error_factor(16, F32_UNIT, norm_error=F32_UNIT + 16 * F64_UNIT)
     whole = _bounded_sums(x32, sq, slack, x32, sq, slack, factor, True, False)
     assert bool(((whole[0] - exact).abs() <= whole[1]).all())
     top, bottom = slice(0, 25), slice(25, 60)  # one off-diagonal block, both sides
