@@ -54,6 +54,7 @@ F64_UNIT, F32_UNIT = 2.0 ** -53, 2.0 ** -24  # unit roundoff
 PARALLEL_PRODUCT = 2 ** 27  # multiply-adds from which a product gets every CPU thread; all else runs on one
 TAIL_GAP = 0.02  # estimates this far (relative) below the largest exact sum are updated less often ...
 TAIL_DUE = 0.005  # ... until one of them may come this close to it
+SUM_CHUNK = 64  # float32 distances are added in runs of this many, and the runs' sums in float64
 
 
 def gram_error_factor(dim: int, unit: float, norm_error: float) -> float:
@@ -142,6 +143,19 @@ def _exact_sums(points: torch.Tensor, chosen: torch.Tensor, rows: torch.Tensor, 
     return distances.sort(dim=1).values.sum(1)
 
 
+def _float64_sums(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sums of float32 values along `dim` in float64, within SUM_CHUNK u of the sum of their sizes: float32
+    sums of SUM_CHUNK values at a time, added in float64 (no float64 copy of the values, which a
+    `sum(dtype=torch.float64)` makes, and which kept 1.1 GB in the pool threads' arenas at N = 100,000)."""
+    size = values.shape[dim]
+    whole = size - size % SUM_CHUNK
+    total = values.narrow(dim, whole, size - whole).sum(dim, dtype=torch.float64)
+    if whole:
+        runs = values.narrow(dim, 0, whole).unflatten(dim, (whole // SUM_CHUNK, SUM_CHUNK)).sum(dim + 1)
+        total += runs.sum(dim, dtype=torch.float64)
+    return total
+
+
 def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor,
                   b_slack: torch.Tensor, factor: float, diagonal: bool, both_sides: bool,
                   threads: int = 1, out: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
@@ -152,8 +166,8 @@ def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b:
     computed as d errs by at most |d^2 - t^2| / (d + t) <= e / (d + sqrt(d^2 - e)) (t the true one) where
     d^2 >= e, and by at most sqrt(e) elsewhere; this is bounded per row through the row's largest e and
     smallest d. `*_slack` hold each row's float32 rounding distance |x32 - x| (covering the cast from
-    the float64 data); a final 2 u of the sum covers the rounding of the square roots (u each) and of
-    the sums, which add the float32 distances in float64.
+    the float64 data); a final (SUM_CHUNK + 2) u of the sum covers the rounding of the square roots
+    (u each) and of the sums (`_float64_sums`).
     With `diagonal`, a and b are the same rows, and self distances count as exactly 0. `out`, when
     given, is a float32 buffer of at least len(a) x len(b) elements that holds the distances.
     """
@@ -166,14 +180,14 @@ def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b:
             sides.append((d.amin(0), b_sq, a_sq.max(), b_slack, a_slack.max(), d.shape[0]))
         if diagonal:
             d.fill_diagonal_(0.0)
-        sums = [d.sum(1, dtype=torch.float64)] + ([d.sum(0, dtype=torch.float64)] if both_sides else [])
+        sums = [_float64_sums(d, 1)] + ([_float64_sums(d, 0)] if both_sides else [])
     out = []
     for total, (nearest, own_sq, other_sq, own_slack, other_slack, count) in zip(sums, sides):
         gram = factor * (own_sq + other_sq)
         nearest = nearest.double() * (1.0 - 4.0 * F32_UNIT)  # below the square root before its rounding
         denominator = torch.maximum(nearest + (nearest.square() - gram).clamp_(min=0.0).sqrt_(), gram.sqrt())
         bound = count * (gram / denominator.clamp_(min=torch.finfo(torch.float64).tiny) + own_slack + other_slack)
-        out += [total, bound + 2.0 * F32_UNIT * total]
+        out += [total, bound + (SUM_CHUNK + 2) * F32_UNIT * total]
     return tuple(out)
 
 

@@ -121,6 +121,58 @@ def test_float32_sum_bounds_cover_the_exact_sums() -> None:
     np.testing.assert_array_less((sums[2] - torch.cdist(x[bottom], x[top]).sum(1)).abs(), sums[3])
 
 
+@pytest.mark.parametrize("dim", [4, 768])
+@pytest.mark.parametrize(("scale", "offset"), [(1e-3, 0.0), (1.0, 1000.0), (1e3, 10.0)])
+def test_float32_sum_bounds_hold_at_every_scale(dim: int, scale: float, offset: float) -> None:
+    """The bounds of `gram_error_factor` and `_bounded_sums`, which carry no spare factor, hold for short
+    and embedding-length rows, norms up to 1,000x the spread, copies and near copies; the oracle takes
+    each distance from the differences in float64 (no Gram form)."""
+    from src.ksame import F32_UNIT, F64_UNIT, _bounded_sums, _float32_copy, gram_error_factor
+
+    rng = np.random.default_rng(dim)
+    x = rng.normal(size=(120, dim)) * scale + offset * rng.normal(size=dim)
+    near = x[0::7][:len(x[1::7])]
+    x[1::7] = near + rng.normal(size=near.shape) * 1e-6 * np.abs(x).max()  # near copies
+    x[2::9] = x[0]  # copies
+    x = torch.from_numpy(x)
+    x32, sq, slack = _float32_copy(x, 32)
+    factor = gram_error_factor(dim, F32_UNIT, norm_error=F32_UNIT + dim * F64_UNIT)
+
+    def exact(a: slice, b: slice) -> torch.Tensor:
+        return torch.cdist(x[a], x[b], compute_mode="donot_use_mm_for_euclid_dist").sum(1)
+
+    whole = _bounded_sums(x32, sq, slack, x32, sq, slack, factor, True, False)
+    np.testing.assert_array_less((whole[0] - exact(slice(None), slice(None))).abs(), whole[1])
+    top, bottom = slice(0, 50), slice(50, 120)
+    sums = _bounded_sums(x32[top], sq[top], slack[top], x32[bottom], sq[bottom], slack[bottom], factor, False, True)
+    np.testing.assert_array_less((sums[0] - exact(top, bottom)).abs(), sums[1])
+    np.testing.assert_array_less((sums[2] - exact(bottom, top)).abs(), sums[3])
+
+
+def test_float32_sum_bounds_are_within_2x_of_errors_that_occur() -> None:
+    """One row against 50 copies of one vector: each copy's distance carries the same rounding error, so
+    the sum's error is 50 times one distance's. With one coordinate, norms 1e3 to 1e5 and distances
+    about 10 sqrt(e) (where the bound is e / 2d, proportional to `gram_error_factor`), some pair reaches
+    over 0.3 of its bound (about 0.5 seen): a factor 4x too small fails here, and so does a bound
+    loosened beyond what the data can reach."""
+    from src.ksame import F32_UNIT, F64_UNIT, _bounded_sums, _float32_copy, gram_error_factor
+
+    rng = np.random.default_rng(1)
+    factor = gram_error_factor(1, F32_UNIT, norm_error=F32_UNIT + F64_UNIT)
+    worst = 0.0
+    for offset in (1e3, 1e4, 1e5):
+        a = rng.normal(size=(500, 1)) + offset
+        b = a + rng.normal(size=(500, 1)) * 10.0 * np.sqrt(factor * 2.0 * offset ** 2)
+        a32, b32 = _float32_copy(torch.from_numpy(a), 512), _float32_copy(torch.from_numpy(b), 512)
+        for i in range(len(a)):
+            copies = (values[i:i + 1].expand(50, *values.shape[1:]) for values in b32)
+            total, bound = _bounded_sums(*(values[i:i + 1] for values in a32), *copies, factor, False, False)
+            error = abs(total.item() - 50 * abs(a[i, 0] - b[i, 0]))
+            assert error <= bound.item()
+            worst = max(worst, error / bound.item())
+    assert worst > 0.3
+
+
 @pytest.mark.parametrize("k", [2, 3, 5])
 @pytest.mark.parametrize("perturbation", [0.0, 1e-5])
 def test_sums_closer_than_float32_can_tell_follow_the_reference(k: int, perturbation: float) -> None:
