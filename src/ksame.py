@@ -298,7 +298,10 @@ class _DistanceSums:
         self.thread_buffers = threading.local()  # each pool thread's buffer for its products' results
         self.list_length, self.block_size = list_length, block_size
         self.min_newcomers = max(1, top_size // 4)
-        self.error64 = gram_error_factor(x.shape[1], F64_UNIT, norm_error=x.shape[1] * F64_UNIT)  # summed in float64
+        # float64 rows' norms: summed in float64. Their bound serves the neighbour choices, which compare with
+        # the input's own distances: the centring rounds each coordinate of x - mean (u relative), which moves
+        # a distance by at most u (|a| + |b|), and so its square by at most (4 + 2 u) u S.
+        self.error64 = gram_error_factor(x.shape[1], F64_UNIT, norm_error=x.shape[1] * F64_UNIT) + 4.01 * F64_UNIT
         # float32 rows' norms: summed in float64, then rounded to float32
         self.error32 = gram_error_factor(x.shape[1], F32_UNIT, norm_error=F32_UNIT + x.shape[1] * F64_UNIT)
         n = x.shape[0]
