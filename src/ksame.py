@@ -71,6 +71,12 @@ def gram_error_factor(dim: int, unit: float, norm_error: float) -> float:
     return 1.01 * (norms + gamma * (2.0 + norms))
 
 
+def float32_error_factor(dim: int) -> float:
+    """`gram_error_factor` of the float32 rows, whose squared norms are summed in float64 and then
+    rounded to float32."""
+    return gram_error_factor(dim, F32_UNIT, norm_error=F32_UNIT + dim * F64_UNIT)
+
+
 def squared_distances(a: torch.Tensor, a_sq_norms: torch.Tensor, b: torch.Tensor, b_sq_norms: torch.Tensor,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Squared Euclidean distances between the rows of a and b by the Gram form, clamped at 0
@@ -302,8 +308,7 @@ class _DistanceSums:
         # the input's own distances: the centring rounds each coordinate of x - mean (u relative), which moves
         # a distance by at most u (|a| + |b|), and so its square by at most (4 + 2 u) u S.
         self.error64 = gram_error_factor(x.shape[1], F64_UNIT, norm_error=x.shape[1] * F64_UNIT) + 4.01 * F64_UNIT
-        # float32 rows' norms: summed in float64, then rounded to float32
-        self.error32 = gram_error_factor(x.shape[1], F32_UNIT, norm_error=F32_UNIT + x.shape[1] * F64_UNIT)
+        self.error32 = float32_error_factor(x.shape[1])
         n = x.shape[0]
         self.device = x.device
         self.product_size = 8 * block_size * block_size  # elements of a product's result, to bound the memory

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from src.cli import UserError
-from src.ksame import ksame, ksame_clusters
+from src.ksame import _bounded_sums, _float32_copy, float32_error_factor, ksame, ksame_clusters
 from src.runtime import cpu_threads
 
 CPU = torch.device("cpu")
@@ -101,34 +101,14 @@ def test_k_equal_to_n_makes_one_cluster() -> None:
     np.testing.assert_allclose(anonymized, np.broadcast_to(embeddings.mean(0), (7, 3)), rtol=1e-6, atol=1e-6)
 
 
-def test_float32_sum_bounds_cover_the_exact_sums() -> None:
-    """The certified bounds of the float32 pass hold where its error is largest: norms far above the
-    distances (an offset of 100), exact copies and near copies (distance 1e-6, where sqrt amplifies)."""
-    from src.ksame import F32_UNIT, F64_UNIT, _bounded_sums, _float32_copy, gram_error_factor
-
-    rng = np.random.default_rng(7)
-    x = rng.normal(size=(60, 16)) + 100.0
-    x[10], x[11] = x[3], x[5] + 1e-6  # a copy and a near copy
-    x = torch.from_numpy(x)
-    x32, sq, slack = _float32_copy(x, 16)
-    exact = torch.cdist(x, x).sum(1)  # float64 distances of the float64 rows
-    factor = gram_error_factor(16, F32_UNIT, norm_error=F32_UNIT + 16 * F64_UNIT)
-    whole = _bounded_sums(x32, sq, slack, x32, sq, slack, factor, True, False)
-    assert bool(((whole[0] - exact).abs() <= whole[1]).all())
-    top, bottom = slice(0, 25), slice(25, 60)  # one off-diagonal block, both sides
-    sums = _bounded_sums(x32[top], sq[top], slack[top], x32[bottom], sq[bottom], slack[bottom], factor, False, True)
-    np.testing.assert_array_less((sums[0] - torch.cdist(x[top], x[bottom]).sum(1)).abs(), sums[1])
-    np.testing.assert_array_less((sums[2] - torch.cdist(x[bottom], x[top]).sum(1)).abs(), sums[3])
-
-
-@pytest.mark.parametrize("dim", [4, 768])
-@pytest.mark.parametrize(("scale", "offset"), [(1e-3, 0.0), (1.0, 1000.0), (1e3, 10.0)])
+@pytest.mark.parametrize(("dim", "scale", "offset"), [(4, 1e-3, 0.0), (4, 1.0, 1000.0), (4, 1e3, 10.0),
+                                                     (16, 1.0, 100.0),
+                                                     (768, 1e-3, 0.0), (768, 1.0, 1000.0), (768, 1e3, 10.0)])
 def test_float32_sum_bounds_hold_at_every_scale(dim: int, scale: float, offset: float) -> None:
-    """The bounds of `gram_error_factor` and `_bounded_sums`, which carry no spare factor, hold for short
-    and embedding-length rows, norms up to 1,000x the spread, copies and near copies; the oracle takes
-    each distance from the differences in float64 (no Gram form)."""
-    from src.ksame import F32_UNIT, F64_UNIT, _bounded_sums, _float32_copy, gram_error_factor
-
+    """The bounds of `gram_error_factor` and `_bounded_sums`, which carry no spare factor, hold where the
+    float32 pass errs most: short and embedding-length rows, norms up to 1,000x the spread (where the
+    Gram form cancels), copies and near copies (where the square root amplifies), on the diagonal and
+    off it, both sides; the oracle takes each distance from the differences in float64 (no Gram form)."""
     rng = np.random.default_rng(dim)
     x = rng.normal(size=(120, dim)) * scale + offset * rng.normal(size=dim)
     near = x[0::7][:len(x[1::7])]
@@ -136,7 +116,7 @@ def test_float32_sum_bounds_hold_at_every_scale(dim: int, scale: float, offset: 
     x[2::9] = x[0]  # copies
     x = torch.from_numpy(x)
     x32, sq, slack = _float32_copy(x, 32)
-    factor = gram_error_factor(dim, F32_UNIT, norm_error=F32_UNIT + dim * F64_UNIT)
+    factor = float32_error_factor(dim)
 
     def exact(a: slice, b: slice) -> torch.Tensor:
         return torch.cdist(x[a], x[b], compute_mode="donot_use_mm_for_euclid_dist").sum(1)
@@ -155,10 +135,8 @@ def test_float32_sum_bounds_are_within_2x_of_errors_that_occur() -> None:
     about 10 sqrt(e) (where the bound is e / 2d, proportional to `gram_error_factor`), some pair reaches
     over 0.3 of its bound (about 0.5 seen): a factor 4x too small fails here, and so does a bound
     loosened beyond what the data can reach."""
-    from src.ksame import F32_UNIT, F64_UNIT, _bounded_sums, _float32_copy, gram_error_factor
-
     rng = np.random.default_rng(1)
-    factor = gram_error_factor(1, F32_UNIT, norm_error=F32_UNIT + F64_UNIT)
+    factor = float32_error_factor(1)
     worst = 0.0
     for offset in (1e3, 1e4, 1e5):
         a = rng.normal(size=(500, 1)) + offset
