@@ -54,6 +54,7 @@ F64_UNIT, F32_UNIT = 2.0 ** -53, 2.0 ** -24  # unit roundoff
 PARALLEL_PRODUCT = 2 ** 27  # multiply-adds from which a product gets every CPU thread; all else runs on one
 TAIL_GAP = 0.02  # estimates this far (relative) below the largest exact sum are updated less often ...
 TAIL_DUE = 0.005  # ... until one of them may come this close to it
+FEW_ROWS = 64  # a product with fewer rows than this on one side runs with them on the left
 SUM_CHUNK = 64  # float32 distances are added in runs of this many, and the runs' sums in float64
 
 
@@ -81,7 +82,11 @@ def squared_distances(a: torch.Tensor, a_sq_norms: torch.Tensor, b: torch.Tensor
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Squared Euclidean distances between the rows of a and b by the Gram form, clamped at 0
     (the product added in place onto the summed norms: one tensor the size of the result, taken
-    from the front of `out` when given)."""
+    from the front of `out` when given). When b has few rows, the product runs with them on the
+    left and the result comes back transposed: a product with few rows on the left reads the other
+    operand once, about twice as fast for 5-10 rows against 1,024 on one CPU thread."""
+    if b.shape[0] < min(a.shape[0], FEW_ROWS):
+        return squared_distances(b, b_sq_norms, a, a_sq_norms, out).T
     total = a_sq_norms[:, None] + b_sq_norms[None, :] if out is None else \
         torch.add(a_sq_norms[:, None], b_sq_norms[None, :], out=out[:a.shape[0] * b.shape[0]].view(a.shape[0], -1))
     return total.addmm_(a, b.T, alpha=-2.0).clamp_(min=0.0)

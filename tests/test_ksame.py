@@ -127,6 +127,10 @@ def test_float32_sum_bounds_hold_at_every_scale(dim: int, scale: float, offset: 
     sums = _bounded_sums(x32[top], sq[top], slack[top], x32[bottom], sq[bottom], slack[bottom], factor, False, True)
     np.testing.assert_array_less((sums[0] - exact(top, bottom)).abs(), sums[1])
     np.testing.assert_array_less((sums[2] - exact(bottom, top)).abs(), sums[3])
+    few = slice(113, 120)  # fewer rows than FEW_ROWS: the product runs with them on the left
+    sums = _bounded_sums(x32, sq, slack, x32[few], sq[few], slack[few], factor, False, True)
+    np.testing.assert_array_less((sums[0] - exact(slice(None), few)).abs(), sums[1])
+    np.testing.assert_array_less((sums[2] - exact(few, slice(None))).abs(), sums[3])
 
 
 def test_float32_sum_bounds_are_within_2x_of_errors_that_occur() -> None:
