@@ -40,7 +40,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -167,16 +167,25 @@ def _float64_sums(values: torch.Tensor, dim: int) -> torch.Tensor:
     return total
 
 
+class BoundedSums(NamedTuple):
+    """One side of `_bounded_sums`, in float64: each row's distance sum, a bound on that sum's error, and
+    a lower bound of the row's distance to its nearest row on the other side."""
+    sums: torch.Tensor
+    bounds: torch.Tensor
+    nearest: torch.Tensor
+
+
 def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor,
                   b_slack: torch.Tensor, factor: float, diagonal: bool, both_sides: bool,
-                  threads: int = 1, out: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                  threads: int = 1, out: torch.Tensor | None = None) -> list[BoundedSums]:
     """Float32 distance sums between the rows of a and b, with rigorous bounds on their error.
 
-    Returns (row sums, row bounds) and, with `both_sides`, (column sums, column bounds), in float64.
+    Returns the rows' side and, with `both_sides`, the columns' side (`BoundedSums`).
     The Gram form errs by at most e = factor (|a|^2 + |b|^2) on each squared distance, so a distance
     computed as d errs by at most |d^2 - t^2| / (d + t) <= e / (d + sqrt(d^2 - e)) (t the true one) where
     d^2 >= e, and by at most sqrt(e) elsewhere; this is bounded per row through the row's largest e and
-    smallest d. `*_slack` hold each row's float32 rounding distance |x32 - x| (covering the cast from
+    smallest d, which also makes it a bound of every distance in the row, the nearest included.
+`*_slack` hold each row's float32 rounding distance |x32 - x| (covering the cast from
     the float64 data); a final (SUM_CHUNK + 2) u of the sum covers the rounding of the square roots
     (u each) and of the sums (`_float64_sums`).
     With `diagonal`, a and b are the same rows, and self distances count as exactly 0. `out`, when
@@ -192,14 +201,14 @@ def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b:
         if diagonal:
             d.fill_diagonal_(0.0)
         sums = [_float64_sums(d, 1)] + ([_float64_sums(d, 0)] if both_sides else [])
-    out = []
+    result = []
     for total, (nearest, own_sq, other_sq, own_slack, other_slack, count) in zip(sums, sides):
         gram = factor * (own_sq + other_sq)
         nearest = nearest.double() * (1.0 - 4.0 * F32_UNIT)  # below the square root before its rounding
         denominator = torch.maximum(nearest + (nearest.square() - gram).clamp_(min=0.0).sqrt_(), gram.sqrt())
-        bound = count * (gram / denominator.clamp_(min=torch.finfo(torch.float64).tiny) + own_slack + other_slack)
-        out += [total, bound + (SUM_CHUNK + 2) * F32_UNIT * total]
-    return tuple(out)
+        each = gram / denominator.clamp_(min=torch.finfo(torch.float64).tiny) + own_slack + other_slack
+        result.append(BoundedSums(total, count * each + (SUM_CHUNK + 2) * F32_UNIT * total, (nearest - each).clamp_(min=0.0)))
+    return result
 
 
 def _float32_copy(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -318,7 +327,7 @@ class _DistanceSums:
         self.device = x.device
         self.product_size = 8 * block_size * block_size  # elements of a product's result, to bound the memory
         self.packed = _LivePoints(x, self.sq_norms.clone(), _float32_copy(x, block_size), block_size)
-        self.sums, self.bounds = self._initial_sums()
+        self.sums, self.bounds, self.nearest = self._initial_sums()
         self.sums[first_copy != torch.arange(n, device=self.device)] = -torch.inf  # copies: kept at the first
         self.live = int(torch.isfinite(self.sums).sum())
         self.packed.sort_float32(self.sums + self.bounds)
@@ -329,29 +338,35 @@ class _DistanceSums:
         self.tail_outside = -np.inf
         self.pending: list[torch.Tensor] = []  # assigned since the last update of all estimates
         self.mid_pending: list[torch.Tensor] = []  # assigned since the last update of the middle tier
+        # Each assigned row j is at least nearest[j] from every other point, so a sum that still lacks the
+        # rows of a pending list is at least their summed `nearest` (its drop) above the truth: the largest
+        # stale bound of a tier, less its drop, still bounds every sum in it.
+        self.drop = self.mid_drop = self.tail_drop = 0.0
         empty = torch.zeros(0, dtype=torch.long, device=self.device)
         self.top, self.mid = empty, empty
         self.top_exact = torch.zeros(0, dtype=torch.float64, device=self.device)
         self.lists: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
         self.slots: dict[int, int] = {}
-        self.outside = self.mid_outside = np.inf  # largest bound outside the middle tier / inside it
+        self.outside = self.mid_outside = np.inf  # largest bound outside the tiers and the tail / in the middle tier
 
     def centred(self, rows: torch.Tensor | list[int]) -> torch.Tensor:
         """Centred float64 rows by original index, bit for bit as in the packed copy (which has
         dropped assigned rows, and holds each group's vector at its first row only while it lives)."""
         return self.points[rows].to(torch.float64) - self.mean
 
-    def _initial_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 sums over all pairs with their bounds, each pair of row blocks visited once."""
+    def _initial_sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float32 sums over all pairs with their bounds, and lower bounds of each point's distance to its
+        nearest other point, each pair of row blocks visited once."""
         p = self.packed
         n = p.rows.numel()
         sums = torch.zeros(n, dtype=torch.float64, device=self.device)
         bounds = torch.zeros_like(sums)
+        nearest = torch.full_like(sums, torch.inf)
         pairs = [(i0, j0) for i0 in range(0, n, self.block_size) for j0 in range(i0, n, self.block_size)]
         # With a CPU pool, two blocks run side by side, one per thread (as in the bulk updates).
         run, threads = (map, self.threads) if self.pool is None else (self.pool.map, 1)
 
-        def block_sums(pair: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        def block_sums(pair: tuple[int, int]) -> list[BoundedSums]:
             rows, cols = (slice(start, start + self.block_size) for start in pair)
             out = self._thread_buffer(self.block_size ** 2) if self.pool else None
             return _bounded_sums(p.x32[rows], p.sq32[rows], p.slack32[rows], p.x32[cols], p.sq32[cols],
@@ -359,13 +374,11 @@ class _DistanceSums:
 
         for (i0, j0), block in tqdm(zip(pairs, run(block_sums, pairs)), total=len(pairs),
                                     desc="k-Same distance sums", leave=False, disable=None):
-            rows, cols = slice(i0, i0 + self.block_size), slice(j0, j0 + self.block_size)
-            sums[rows] += block[0]
-            bounds[rows] += block[1]
-            if i0 != j0:
-                sums[cols] += block[2]
-                bounds[cols] += block[3]
-        return sums, bounds
+            for span, side in zip((slice(i0, i0 + self.block_size), slice(j0, j0 + self.block_size)), block):
+                sums[span] += side.sums
+                bounds[span] += side.bounds
+                torch.minimum(nearest[span], side.nearest, out=nearest[span])
+        return sums, bounds, nearest
 
     def _thread_buffer(self, size: int) -> torch.Tensor:
         """This thread's float32 buffer of at least `size` elements. Reused, so that the pool's threads
@@ -382,14 +395,19 @@ class _DistanceSums:
 
     def _tail_due(self, best: float) -> bool:
         """Whether a tail estimate may come within TAIL_DUE of the largest exact sum."""
-        return self.tail_start < self.packed.rows32.numel() and not _beats(best * (1.0 - TAIL_DUE), self.tail_outside)
+        return self.tail_start < self.packed.rows32.numel() and \
+            not _beats(best * (1.0 - TAIL_DUE), self.tail_outside - self.tail_drop - self.drop)
+
+    def _outside_bound(self) -> float:
+        """An upper bound of every sum outside the top and middle tiers, the tail's included."""
+        return max(self.outside - self.drop, self.tail_outside - self.tail_drop - self.drop)
 
     def best_groups(self) -> list[int]:
         """Groups whose sums are within rounding of the largest (usually one)."""
         while True:
             best = self._best()
-            beaten_inside = not _beats(best, self.mid_outside)
-            if _beats(best, self.outside) and not beaten_inside:
+            beaten_inside = not _beats(best, self.mid_outside - self.mid_drop)
+            if _beats(best, self._outside_bound()) and not beaten_inside:
                 return self.top[self.top_exact >= best - SUM_MARGIN * abs(best)].tolist()
             if beaten_inside and self.top.numel():
                 if self.mid_pending:  # the middle tier's bounds may just be stale
@@ -435,6 +453,9 @@ class _DistanceSums:
         self.packed.alive[self.packed.position[rows]] = False
         self.pending.append(rows)
         self.mid_pending.append(rows)
+        drop = self.nearest[rows].sum().item()
+        self.drop += drop
+        self.mid_drop += drop
 
     def _float32_of(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Float32 copies, squared norms and rounding distances of rows, by original index. A group's
@@ -449,15 +470,15 @@ class _DistanceSums:
 
     def _subtract_from_mid(self, assigned: torch.Tensor) -> None:
         """The middle tier's float32 estimates lose their distances to the `assigned` rows."""
-        total, bound = _bounded_sums(self.mid_x32, self.mid_sq32, self.mid_slack32, *self._float32_of(assigned),
-                                     self.error32, False, False)
+        total, bound, _ = _bounded_sums(self.mid_x32, self.mid_sq32, self.mid_slack32, *self._float32_of(assigned),
+                                        self.error32, False, False)[0]
         self.sums[self.mid] -= total
         self.bounds[self.mid] += bound
 
     def _update_mid(self) -> None:
         if self.mid_pending:
             self._subtract_from_mid(torch.cat(self.mid_pending))
-        self.mid_pending = []
+        self.mid_pending, self.mid_drop = [], 0.0
 
     def _update_all(self) -> None:
         """All estimates up to date, or else certainly below TAIL_DUE of the largest exact sum: the
@@ -478,11 +499,12 @@ class _DistanceSums:
             self._subtract_rows(slice(0, self.tail_start), assigned)
             if self.tail_start < end:
                 self.tail_pending.append(assigned)
-        self.pending = []
+                self.tail_drop += self.drop
+        self.pending, self.drop = [], 0.0
         sparse, best = p.sparse(), self._best()
         if self.tail_start < end and (sparse or self._tail_due(best)):
             self._subtract_rows(slice(self.tail_start, end), torch.cat(self.tail_pending))
-            self.tail_start, self.tail_pending, self.tail_outside = end, [], -np.inf
+            self.tail_start, self.tail_pending, self.tail_outside, self.tail_drop = end, [], -np.inf, 0.0
         if sparse:
             p.compact(self._keys())
             self.tail_start = p.rows32.numel()
@@ -516,13 +538,13 @@ class _DistanceSums:
         else:
             chunk, threads, run = max(1, min(self.block_size, -(-count // self.threads))), 1, self.pool.map
 
-        def block_sums(start: int) -> tuple[torch.Tensor, ...]:
+        def block_sums(start: int) -> BoundedSums:
             out = self._thread_buffer(chunk * cols[0].shape[0]) if self.pool else None
             return _bounded_sums(*(values[start:start + chunk] for values in rows), *cols, self.error32, False,
-                                 False, threads, out)
+                                 False, threads, out)[0]
 
         blocks = list(run(block_sums, range(0, count, chunk)))
-        return torch.cat([block[0] for block in blocks]), torch.cat([block[1] for block in blocks])
+        return torch.cat([block.sums for block in blocks]), torch.cat([block.bounds for block in blocks])
 
     def _set_tail_aside(self, best: float) -> None:
         """The longest run of float32 rows at the end whose estimates are TAIL_GAP below the largest
@@ -554,7 +576,7 @@ class _DistanceSums:
         self.mid = keys.topk(min(self.mid_size, self.live)).indices
         self.mid = self.mid[torch.isfinite(keys[self.mid])]
         keys[self.mid] = -torch.inf
-        self.outside = max(keys.max().item() if keys.numel() else -np.inf, self.tail_outside)
+        self.outside = keys.max().item() if keys.numel() else -np.inf
 
     def _choose_top(self) -> None:
         """Admit to the top tier the middle-tier groups whose bounds reach its largest exact sum, at

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from src.cli import UserError
-from src.ksame import _bounded_sums, _float32_copy, float32_error_factor, ksame, ksame_clusters
+from src.ksame import BoundedSums, _bounded_sums, _float32_copy, float32_error_factor, ksame, ksame_clusters
 from src.runtime import cpu_threads
 
 CPU = torch.device("cpu")
@@ -108,7 +108,9 @@ def test_float32_sum_bounds_hold_at_every_scale(dim: int, scale: float, offset: 
     """The bounds of `gram_error_factor` and `_bounded_sums`, which carry no spare factor, hold where the
     float32 pass errs most: short and embedding-length rows, norms up to 1,000x the spread (where the
     Gram form cancels), copies and near copies (where the square root amplifies), on the diagonal and
-    off it, both sides; the oracle takes each distance from the differences in float64 (no Gram form)."""
+    off it, both sides; the oracle takes each distance from the differences in float64 (no Gram form).
+    Each row's nearest-distance bound lies below the true nearest distance, by at most two distance
+    errors (a bound that gave up, say 0 everywhere, fails where points are apart)."""
     rng = np.random.default_rng(dim)
     x = rng.normal(size=(120, dim)) * scale + offset * rng.normal(size=dim)
     near = x[0::7][:len(x[1::7])]
@@ -118,19 +120,25 @@ def test_float32_sum_bounds_hold_at_every_scale(dim: int, scale: float, offset: 
     x32, sq, slack = _float32_copy(x, 32)
     factor = float32_error_factor(dim)
 
-    def exact(a: slice, b: slice) -> torch.Tensor:
-        return torch.cdist(x[a], x[b], compute_mode="donot_use_mm_for_euclid_dist").sum(1)
+    def check(side: BoundedSums, a: slice, b: slice, diagonal: bool = False) -> None:
+        distances = torch.cdist(x[a], x[b], compute_mode="donot_use_mm_for_euclid_dist")
+        np.testing.assert_array_less((side.sums - distances.sum(1)).abs(), side.bounds)
+        if diagonal:
+            distances.fill_diagonal_(torch.inf)
+        nearest = distances.min(1).values
+        assert (side.nearest <= nearest).all()
+        assert (nearest - side.nearest <= 2.0 * side.bounds / distances.shape[1]).all()
 
-    whole = _bounded_sums(x32, sq, slack, x32, sq, slack, factor, True, False)
-    np.testing.assert_array_less((whole[0] - exact(slice(None), slice(None))).abs(), whole[1])
-    top, bottom = slice(0, 50), slice(50, 120)
-    sums = _bounded_sums(x32[top], sq[top], slack[top], x32[bottom], sq[bottom], slack[bottom], factor, False, True)
-    np.testing.assert_array_less((sums[0] - exact(top, bottom)).abs(), sums[1])
-    np.testing.assert_array_less((sums[2] - exact(bottom, top)).abs(), sums[3])
+    everything, top, bottom = slice(None), slice(0, 50), slice(50, 120)
+    check(*_bounded_sums(x32, sq, slack, x32, sq, slack, factor, True, False), everything, everything, diagonal=True)
+    rows, cols = _bounded_sums(x32[top], sq[top], slack[top], x32[bottom], sq[bottom], slack[bottom], factor, False,
+                               True)
+    check(rows, top, bottom)
+    check(cols, bottom, top)
     few = slice(113, 120)  # fewer rows than FEW_ROWS: the product runs with them on the left
-    sums = _bounded_sums(x32, sq, slack, x32[few], sq[few], slack[few], factor, False, True)
-    np.testing.assert_array_less((sums[0] - exact(slice(None), few)).abs(), sums[1])
-    np.testing.assert_array_less((sums[2] - exact(few, slice(None))).abs(), sums[3])
+    rows, cols = _bounded_sums(x32, sq, slack, x32[few], sq[few], slack[few], factor, False, True)
+    check(rows, everything, few)
+    check(cols, few, everything)
 
 
 def test_float32_sum_bounds_are_within_2x_of_errors_that_occur() -> None:
@@ -148,7 +156,7 @@ def test_float32_sum_bounds_are_within_2x_of_errors_that_occur() -> None:
         a32, b32 = _float32_copy(torch.from_numpy(a), 512), _float32_copy(torch.from_numpy(b), 512)
         for i in range(len(a)):
             copies = (values[i:i + 1].expand(50, *values.shape[1:]) for values in b32)
-            total, bound = _bounded_sums(*(values[i:i + 1] for values in a32), *copies, factor, False, False)
+            total, bound, _ = _bounded_sums(*(values[i:i + 1] for values in a32), *copies, factor, False, False)[0]
             error = abs(total.item() - 50 * abs(a[i, 0] - b[i, 0]))
             assert error <= bound.item()
             worst = max(worst, error / bound.item())
