@@ -207,7 +207,8 @@ def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b:
         nearest = nearest.double() * (1.0 - 4.0 * F32_UNIT)  # below the square root before its rounding
         denominator = torch.maximum(nearest + (nearest.square() - gram).clamp_(min=0.0).sqrt_(), gram.sqrt())
         each = gram / denominator.clamp_(min=torch.finfo(torch.float64).tiny) + own_slack + other_slack
-        result.append(BoundedSums(total, count * each + (SUM_CHUNK + 2) * F32_UNIT * total, (nearest - each).clamp_(min=0.0)))
+        bound = count * each + (SUM_CHUNK + 2) * F32_UNIT * total
+        result.append(BoundedSums(total, bound, (nearest - each).clamp_(min=0.0)))
     return result
 
 
