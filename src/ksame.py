@@ -537,7 +537,8 @@ class _DistanceSums:
         if self.pool is None:
             chunk, threads, run = max(1, self.product_size // cols[0].shape[0]), self.threads, map
         else:
-            chunk, threads, run = max(1, min(self.block_size, -(-count // self.threads))), 1, self.pool.map
+            pieces = self.threads * -(-count // (self.threads * self.block_size))  # a multiple of the threads
+            chunk, threads, run = -(-count // pieces), 1, self.pool.map
 
         def block_sums(start: int) -> BoundedSums:
             out = self._thread_buffer(chunk * cols[0].shape[0]) if self.pool else None
