@@ -19,6 +19,10 @@ are assigned), and the work is close to two float32 passes over all pairs:
   maximum, updated only when one of them may come near it, in one product as wide as all the
   rows it has missed. A tier is brought up to date only when the one above can no longer
   certify the maximum.
+- The first pass also gives each point a certified lower bound of the distance to its nearest
+  other point. A sum that still lacks some assigned rows is above the truth by at least their
+  summed nearest distances, so a stale tier's largest bound less that drop still bounds it:
+  most of the staleness is covered without a product.
 - On a CPU, the float32 products run as blocks of rows side by side, one per thread, so that
   each block's result stays in cache through the elementwise passes that follow the product.
 - A group entering the top tier gets its exact sum and its list of nearest points from one
