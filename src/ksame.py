@@ -189,8 +189,8 @@ def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b:
     computed as d errs by at most |d^2 - t^2| / (d + t) <= e / (d + sqrt(d^2 - e)) (t the true one) where
     d^2 >= e, and by at most sqrt(e) elsewhere; this is bounded per row through the row's largest e and
     smallest d, which also makes it a bound of every distance in the row, the nearest included.
-`*_slack` hold each row's float32 rounding distance |x32 - x| (covering the cast from
-    the float64 data); a final (SUM_CHUNK + 2) u of the sum covers the rounding of the square roots
+    `*_slack` hold each row's float32 rounding distance |x32 - x| (covering the cast from the float64
+    data); a final (SUM_CHUNK + 2) u of the sum covers the rounding of the square roots
     (u each) and of the sums (`_float64_sums`).
     With `diagonal`, a and b are the same rows, and self distances count as exactly 0. `out`, when
     given, is a float32 buffer of at least len(a) x len(b) elements that holds the distances.
