@@ -400,12 +400,15 @@ class _DistanceSums:
 
     def _tail_due(self, best: float) -> bool:
         """Whether a tail estimate may come within TAIL_DUE of the largest exact sum."""
-        return self.tail_start < self.packed.rows32.numel() and \
-            not _beats(best * (1.0 - TAIL_DUE), self.tail_outside - self.tail_drop - self.drop)
+        return self.tail_start < self.packed.rows32.numel() and not _beats(best * (1.0 - TAIL_DUE), self._tail_bound())
+
+    def _tail_bound(self) -> float:
+        """An upper bound of every tail sum: its rows miss both the tail's pending rows and the others'."""
+        return self.tail_outside - self.tail_drop - self.drop
 
     def _outside_bound(self) -> float:
         """An upper bound of every sum outside the top and middle tiers, the tail's included."""
-        return max(self.outside - self.drop, self.tail_outside - self.tail_drop - self.drop)
+        return max(self.outside - self.drop, self._tail_bound())
 
     def best_groups(self) -> list[int]:
         """Groups whose sums are within rounding of the largest (usually one)."""
