@@ -46,11 +46,11 @@ DIM = 768
 NUM_CLASSES = 5
 # The phases of src/ksame.py that --phases reports (cumulative time of each function under cProfile).
 PHASES = {
-    "_initial_sums": "float32 pass over all pairs",
-    "_subtract_from_all": "float32 bulk updates",
+    "_cells": "cells (Lloyd iterations) and their sums",
+    "_refresh": "bounds refreshed from the cell sums",
+    "_tighten": "bounds tightened without a product",
     "_exact_sums_and_lists": "float64 passes admitting groups to the exact tier",
-    "_update_mid": "middle-tier updates",
-    "remove": "exact-tier updates, every step",
+    "remove": "exact tier and warm rows updated, every step",
     "_closest": "neighbour choice, every step",
 }
 

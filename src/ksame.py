@@ -6,29 +6,28 @@ points is largest (the pivot), join it with its k-1 nearest unassigned points, a
 the k points assigned. Every member is replaced by its cluster mean and keeps its label.
 Ties go to the lowest row index.
 
-The reference materialises the N x N distance matrix and rescans it every step. Here
-memory is one float64 and one float32 copy of the centred points (packed again as points
-are assigned), and the work is close to two float32 passes over all pairs:
+The reference materialises the N x N distance matrix and rescans it every step. Here memory
+is one float64 copy of the centred points (packed again as points are assigned), and the
+work is about one float64 pass over the unassigned points per step, for the one group that
+becomes the pivot:
 
-- One blocked float32 pass over all pairs gives each point's distance sum with a certified
-  error bound (`_bounded_sums`); estimate + bound is an upper bound of the sum, which only
-  shrinks as points are assigned.
-- `_DistanceSums` keeps three tiers: a small top tier with exact float64 sums updated every
-  step, a middle tier of float32 estimates updated every few steps, and the rest updated in
-  one wide float32 product every few dozen steps, except a tail of estimates far below the
-  maximum, updated only when one of them may come near it, in one product as wide as all the
-  rows it has missed. A tier is brought up to date only when the one above can no longer
-  certify the maximum.
-- The first pass also gives each point a certified lower bound of the distance to its nearest
-  other point. A sum that still lacks some assigned rows is above the truth by at least their
-  summed nearest distances, so a stale tier's largest bound less that drop still bounds it:
-  most of the staleness is covered without a product.
-- On a CPU, the float32 products run as blocks of rows side by side, one per thread, so that
-  each block's result stays in cache through the elementwise passes that follow the product.
-- A group entering the top tier gets its exact sum and its list of nearest points from one
-  float64 pass over the unassigned points; the pivot's neighbours come from that list while
-  it still holds enough unassigned points provably nearer than anything outside it, else from
-  one scan of all rows.
+- The points are split once into a few cells (`_cells`, 16 by default). From each cell's count n,
+  vector sum s and summed squared norm q over its unassigned points, a point x has summed
+  squared distance n |x|^2 - 2 x.s + q to them, and by Cauchy-Schwarz its summed distance to
+  them is at most the square root of n times that. Added over the cells, this bounds a
+  point's distance sum from above for the price of a product with a few vectors
+  (`_CellSums`). Where distances concentrate, as in high dimensions, the bound lies within a
+  few 1e-4 of the sum.
+- These bounds only shrink as points are assigned (each term loses points), so a stale bound
+  still holds, and each step looks only at the bounds that reach the largest exact sum: first
+  from each one's stored per-cell terms with the cells' counts of now (no product), then, if
+  that is not enough, from a fresh product. Groups refreshed so become warm: their dot
+  products with the cells' sums are updated every step, which keeps their bounds fresh.
+- A group whose refreshed bound still reaches it enters a small exact tier, with its float64
+  sum from one pass over the unassigned points, updated every step after that. The same pass
+  gives its list of nearest points: the pivot's neighbours come from that list while it still
+  holds enough unassigned points provably nearer than anything outside it, else from one scan
+  of all rows.
 
 Float64 distances use the Gram form |a|^2 + |b|^2 - 2 a.b on mean-centred vectors, with a
 rigorous rounding bound. Neighbour choices within that bound of each other are settled by
@@ -41,11 +40,6 @@ copy becomes the pivot whatever the matrix-product rounding.
 """
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
-from typing import Iterator, NamedTuple
-
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -54,12 +48,10 @@ from src.cli import UserError
 from src.runtime import cpu_threads, one_cpu_thread
 
 SUM_MARGIN = 1e-10  # relative; float64 sums of N distances err by ~1e-13, far below this
-F64_UNIT, F32_UNIT = 2.0 ** -53, 2.0 ** -24  # unit roundoff
+F64_UNIT = 2.0 ** -53  # unit roundoff
 PARALLEL_PRODUCT = 2 ** 27  # multiply-adds from which a product gets every CPU thread; all else runs on one
-TAIL_GAP = 0.02  # estimates this far (relative) below the largest exact sum are updated less often ...
-TAIL_DUE = 0.005  # ... until one of them may come this close to it
 FEW_ROWS = 64  # a product with fewer rows than this on one side runs with them on the left
-SUM_CHUNK = 64  # float32 distances are added in runs of this many, and the runs' sums in float64
+CELL_ITERATIONS = 6  # Lloyd iterations that shape the cells
 
 
 def gram_error_factor(dim: int, unit: float, norm_error: float) -> float:
@@ -76,12 +68,6 @@ def gram_error_factor(dim: int, unit: float, norm_error: float) -> float:
     return 1.01 * (norms + gamma * (2.0 + norms))
 
 
-def float32_error_factor(dim: int) -> float:
-    """`gram_error_factor` of the float32 rows, whose squared norms are summed in float64 and then
-    rounded to float32."""
-    return gram_error_factor(dim, F32_UNIT, norm_error=F32_UNIT + dim * F64_UNIT)
-
-
 def squared_distances(a: torch.Tensor, a_sq_norms: torch.Tensor, b: torch.Tensor, b_sq_norms: torch.Tensor,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Squared Euclidean distances between the rows of a and b by the Gram form, clamped at 0
@@ -94,18 +80,6 @@ def squared_distances(a: torch.Tensor, a_sq_norms: torch.Tensor, b: torch.Tensor
     total = a_sq_norms[:, None] + b_sq_norms[None, :] if out is None else \
         torch.add(a_sq_norms[:, None], b_sq_norms[None, :], out=out[:a.shape[0] * b.shape[0]].view(a.shape[0], -1))
     return total.addmm_(a, b.T, alpha=-2.0).clamp_(min=0.0)
-
-
-@contextmanager
-def _full_float32_products() -> Iterator[None]:
-    """Keep float32 products in full float32 inside (no TF32 or bfloat16 shortcuts), since the
-    certified error bounds assume a 24-bit mantissa."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def _check_k(k: int, num_points: int) -> None:
@@ -158,76 +132,75 @@ def _exact_sums(points: torch.Tensor, chosen: torch.Tensor, rows: torch.Tensor, 
     return distances.sort(dim=1).values.sum(1)
 
 
-def _float64_sums(values: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sums of float32 values along `dim` in float64, within SUM_CHUNK u of the sum of their sizes: float32
-    sums of SUM_CHUNK values at a time, added in float64 (no float64 copy of the values, which a
-    `sum(dtype=torch.float64)` makes, and which kept 1.1 GB in the pool threads' arenas at N = 100,000)."""
-    size = values.shape[dim]
-    whole = size - size % SUM_CHUNK
-    total = values.narrow(dim, whole, size - whole).sum(dim, dtype=torch.float64)
-    if whole:
-        runs = values.narrow(dim, 0, whole).unflatten(dim, (whole // SUM_CHUNK, SUM_CHUNK)).sum(dim + 1)
-        total += runs.sum(dim, dtype=torch.float64)
-    return total
+def _cells(x: torch.Tensor, sq_norms: torch.Tensor, count: int) -> torch.Tensor:
+    """Each row's cell, out of `count`: a few Lloyd (k-means) iterations from rows drawn by a fixed generator.
+    Only the speed depends on the cells: any partition gives valid bounds, one of nearby points tight ones."""
+    drawn = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:count]
+    centres = x[drawn.to(x.device)]
+    for _ in range(CELL_ITERATIONS):
+        cell = squared_distances(x, sq_norms, centres, centres.square().sum(1)).argmin(1)
+        sizes = torch.bincount(cell, minlength=count)[:, None]
+        sums = torch.zeros_like(centres).index_add_(0, cell, x)
+        centres = torch.where(sizes > 0, sums / sizes.clamp(min=1), centres)  # an empty cell keeps its centre
+    return squared_distances(x, sq_norms, centres, centres.square().sum(1)).argmin(1)
 
 
-class BoundedSums(NamedTuple):
-    """One side of `_bounded_sums`, in float64: each row's distance sum, a bound on that sum's error, and
-    a lower bound of the row's distance to its nearest row on the other side."""
-    sums: torch.Tensor
-    bounds: torch.Tensor
-    nearest: torch.Tensor
+class _CellSums:
+    """For each cell, the count, vector sum and summed squared norm of its unassigned points, which bound
+    every point's distance sum from above (`bounds`).
 
-
-def _bounded_sums(a: torch.Tensor, a_sq: torch.Tensor, a_slack: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor,
-                  b_slack: torch.Tensor, factor: float, diagonal: bool, both_sides: bool,
-                  threads: int = 1, out: torch.Tensor | None = None) -> list[BoundedSums]:
-    """Float32 distance sums between the rows of a and b, with rigorous bounds on their error.
-
-    Returns the rows' side and, with `both_sides`, the columns' side (`BoundedSums`).
-    The Gram form errs by at most e = factor (|a|^2 + |b|^2) on each squared distance, so a distance
-    computed as d errs by at most |d^2 - t^2| / (d + t) <= e / (d + sqrt(d^2 - e)) (t the true one) where
-    d^2 >= e, and by at most sqrt(e) elsewhere; this is bounded per row through the row's largest e and
-    smallest d, which also makes it a bound of every distance in the row, the nearest included.
-    `*_slack` hold each row's float32 rounding distance |x32 - x| (covering the cast from the float64
-    data); a final (SUM_CHUNK + 2) u of the sum covers the rounding of the square roots
-    (u each) and of the sums (`_float64_sums`).
-    With `diagonal`, a and b are the same rows, and self distances count as exactly 0. `out`, when
-    given, is a float32 buffer of at least len(a) x len(b) elements that holds the distances.
+    Rounding. Every partial sum of a cell's vectors has a norm at most the sum A of their norms. The vector
+    sum s sees at most 2 n_0 additions and subtractions (n_0 the cell's initial count), each within u A in
+    norm. A row's dot product x.s, whether from one product with s (within (D + 2) u |x| A) or kept up to
+    date from an earlier one by subtracting x.y for each assigned y (each within (D + 2) u |x| |y|, plus
+    u |x| A for the subtraction), is then within (2 (D + 2) + 3.03 n_0) u |x| A of the true one. The sum
+    of squared norms, whose terms each err by at most D u relative, stays within (2.03 n_0 + 1.01 D) u
+    of their total.
     """
-    with cpu_threads(threads if a.shape[0] * b.shape[0] * a.shape[1] >= PARALLEL_PRODUCT else 1):
-        d = squared_distances(a, a_sq.float(), b, b_sq.float(), out).sqrt_()
-        if diagonal:
-            d.fill_diagonal_(torch.inf)
-        sides = [(d.amin(1), a_sq, b_sq.max(), a_slack, b_slack.max(), d.shape[1])]
-        if both_sides:
-            sides.append((d.amin(0), b_sq, a_sq.max(), b_slack, a_slack.max(), d.shape[0]))
-        if diagonal:
-            d.fill_diagonal_(0.0)
-        sums = [_float64_sums(d, 1)] + ([_float64_sums(d, 0)] if both_sides else [])
-    result = []
-    for total, (nearest, own_sq, other_sq, own_slack, other_slack, count) in zip(sums, sides):
-        gram = factor * (own_sq + other_sq)
-        nearest = nearest.double() * (1.0 - 4.0 * F32_UNIT)  # below the square root before its rounding
-        denominator = torch.maximum(nearest + (nearest.square() - gram).clamp_(min=0.0).sqrt_(), gram.sqrt())
-        each = gram / denominator.clamp_(min=torch.finfo(torch.float64).tiny) + own_slack + other_slack
-        bound = count * each + (SUM_CHUNK + 2) * F32_UNIT * total
-        result.append(BoundedSums(total, bound, (nearest - each).clamp_(min=0.0)))
-    return result
 
+    def __init__(self, x: torch.Tensor, sq_norms: torch.Tensor, cell: torch.Tensor, count: int) -> None:
+        self.cell = cell
+        initial = torch.bincount(cell, minlength=count).to(torch.float64)
+        self.sizes = initial.clone()
+        self.vectors = torch.zeros((count, x.shape[1]), dtype=torch.float64, device=x.device).index_add_(0, cell, x)
+        self.squares = torch.zeros(count, dtype=torch.float64, device=x.device).index_add_(0, cell, sq_norms)
+        norm_sums = torch.zeros_like(self.squares).index_add_(0, cell, sq_norms.sqrt())
+        self.dot_error = 1.01 * (2.0 * (x.shape[1] + 2) + 3.03 * initial) * F64_UNIT * norm_sums  # per unit |x|
+        self.square_error = (2.03 * initial + 1.01 * x.shape[1]) * F64_UNIT * self.squares
+        self.gamma = 1.01 * (x.shape[1] + 7) * F64_UNIT  # |x|^2 itself, and the three terms put together
+        self.constants: tuple[torch.Tensor, torch.Tensor] | None = None  # for `terms`; None when stale
 
-def _float32_copy(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The rows in float32, their squared norms, and their distances to the float64 rows they round
-    (by row blocks, so that no second float64 copy of the matrix is made)."""
-    x32 = x.float()
-    sq32 = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
-    slack32 = torch.empty_like(sq32)
-    for start in range(0, x.shape[0], block_size):
-        rows = slice(start, start + block_size)
-        as64 = x32[rows].double()
-        sq32[rows] = as64.square().sum(1)
-        slack32[rows] = (as64 - x[rows]).square_().sum(1).sqrt_()
-    return x32, sq32, slack32
+    def leave(self, x: torch.Tensor, sq_norms: torch.Tensor, rows: torch.Tensor) -> None:
+        """The assigned `rows` (centred vectors x, squared norms) leave their cells."""
+        cell = self.cell[rows]
+        self.sizes.index_add_(0, cell, torch.full_like(sq_norms, -1.0))
+        self.vectors.index_add_(0, cell, x, alpha=-1.0)
+        self.squares.index_add_(0, cell, sq_norms, alpha=-1.0)
+        self.constants = None
+
+    def dots(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's dot products with the cells' vector sums (rows x cells)."""
+        return x @ self.vectors.T
+
+    def terms(self, dots: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+        """Upper bounds of the summed squared distance from each row (its dot products with the cells' vector
+        sums, its squared norm) to each cell's unassigned points: t = n |x|^2 - 2 x.s + q, plus its rounding
+        (see the class), gamma (n |x|^2 + 2 |x.s| + q) + 2 |x| e_dot + e_q with |x.s| <= |x| (|s| + e_dot).
+        They hold for as long as the row lives, since points only leave the cells."""
+        if self.constants is None:  # per cell: the factors of |x|^2 and |x|, and the rest
+            factors = torch.stack([self.sizes * (1.0 + self.gamma),
+                                   1.01 * (2.0 * self.gamma * self.vectors.norm(dim=1)
+                                           + (2.0 * self.gamma + 2.0) * self.dot_error)])
+            self.constants = factors, self.squares * (1.0 + self.gamma) + self.square_error
+        factors, rest = self.constants
+        per_row = torch.stack([sq_norms, sq_norms.sqrt()], 1)
+        return torch.addmm(rest, per_row, factors).add_(dots, alpha=-2.0).clamp_(min=0.0)
+
+    def bounds(self, terms: torch.Tensor) -> torch.Tensor:
+        """Upper bounds of each row's summed distance to the unassigned points from its `terms`, taken now or
+        earlier: by Cauchy-Schwarz, the sum over cells of sqrt(n t) with the cells' current counts n, times a
+        final (cells + 4) u for the roots and the sum over cells."""
+        return (self.sizes * terms).sqrt_().sum(1) * (1.0 + (self.sizes.numel() + 4) * F64_UNIT)
 
 
 def _compacted(values: torch.Tensor, keep: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -240,53 +213,28 @@ def _compacted(values: torch.Tensor, keep: torch.Tensor, block_size: int) -> tor
 
 
 class _LivePoints:
-    """The unassigned points packed together (the only float64 and float32 copies of the centred
-    points), for the products over all of them.
+    """The unassigned points packed together in float64 (the only copy of the centred points), for the
+    passes over all of them. Packed again when a sixth of the rows have been assigned, so that the passes
+    read few dead rows and the memory stays near one copy."""
 
-    The float64 rows keep the input order; the float32 rows are sorted by decreasing distance sum
-    whenever they are packed, so that the rows far below the maximum form a tail that can be
-    updated less often, in wider products. Both are packed again when a sixth of the rows have
-    been assigned, so that products read few dead rows and the memory stays near one copy of each.
-    """
-
-    def __init__(self, x64: torch.Tensor, sq64: torch.Tensor, float32: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                 block_size: int) -> None:
-        self.rows = torch.arange(x64.shape[0], device=x64.device)  # original row index of each float64 row
+    def __init__(self, x64: torch.Tensor, sq64: torch.Tensor, block_size: int) -> None:
+        self.rows = torch.arange(x64.shape[0], device=x64.device)  # original row index of each packed row
         self.x64, self.sq64 = x64, sq64
-        self.x32, self.sq32, self.slack32 = float32  # float32 rows, their squared norms, |x32 - x|
-        self.sq32_of, self.slack32_of = self.sq32, self.slack32  # the same by original row index
-        self.rows32 = self.rows.clone()  # original row index of each float32 row
         self.alive = torch.ones(x64.shape[0], dtype=torch.bool, device=x64.device)
-        self.position = self.rows.clone()  # float64 position of each original row; -1 once packed away
-        self.position32 = self.rows.clone()  # float32 position of each original row; -1 once packed away
+        self.position = self.rows.clone()  # packed position of each original row; -1 once packed away
         self.block_size = block_size
 
     def sparse(self) -> bool:
         return int(self.alive.sum()) <= 5 * self.alive.numel() // 6
 
-    def compact(self, keys: torch.Tensor) -> None:
-        """Drop the assigned rows, in place; the float32 rows sorted again by decreasing `keys`."""
+    def compact(self) -> None:
+        """Drop the assigned rows, in place."""
         keep = self.alive.nonzero().squeeze(1)
         self.x64, self.sq64, self.rows = (_compacted(values, keep, self.block_size)
                                           for values in (self.x64, self.sq64, self.rows))
         self.alive = torch.ones(keep.numel(), dtype=torch.bool, device=keep.device)
         self.position.fill_(-1)
         self.position[self.rows] = torch.arange(keep.numel(), device=keep.device)
-        self.sort_float32(keys)
-
-    def sort_float32(self, keys: torch.Tensor) -> None:
-        """The float32 rows of the packed float64 rows (all unassigned: called when packed), by
-        decreasing key (ties: by row index), cast again from the float64 rows into the same buffer
-        (the same values bit for bit, and no second copy)."""
-        order = self.rows[keys[self.rows].argsort(descending=True, stable=True)]
-        x32 = self.x32[:order.numel()]
-        for start in range(0, order.numel(), self.block_size):
-            rows = order[start:start + self.block_size]
-            x32[start:start + rows.numel()] = self.x64[self.position[rows]]
-        self.x32, self.rows32 = x32, order
-        self.sq32, self.slack32 = self.sq32_of[order], self.slack32_of[order]
-        self.position32.fill_(-1)
-        self.position32[order] = torch.arange(order.numel(), device=order.device)
 
 
 def _beats(value: float, bound: float) -> bool:
@@ -297,145 +245,181 @@ def _beats(value: float, bound: float) -> bool:
 class _DistanceSums:
     """Each live group's summed distance to the unassigned points, for picking the pivot.
 
-    Three tiers, each brought up to date only when the one above can no longer certify the maximum:
-    - top: the largest sums, exact in float64, updated every step (top x k distances);
-    - middle (mid_factor x larger): float32 estimates with certified error bounds, updated together
-      (one product with the rows assigned since) every few steps;
-    - all others: the same estimates, updated in one wide float32 product every few dozen steps,
-      except a tail far below the maximum (`_set_tail_aside`), updated only when it may reach it.
-    An estimate + its bound is an upper bound of the true sum, since sums only shrink. Groups
-    entering the top tier get their exact sum from one float64 pass over the unassigned points,
-    which also gives their list of nearest points for the neighbour search.
+    - An exact tier: the float64 sums of the groups that may be the largest, updated every step
+      (tier x k distances).
+    - Every other live group: an upper bound from the cell sums (`_CellSums`). Bounds only shrink, so a
+      stale one still holds, and most are left so. Those that have reached the tier's largest sum are
+      kept warm: their dot products with the cells' sums are updated every step (warm rows x k), which
+      keeps their bounds fresh; a cold bound that reaches it is refreshed, and its group becomes warm.
+    A group enters the exact tier when its fresh bound still reaches that sum. One float64 pass over the
+    unassigned points gives it its exact sum and its list of nearest points for the neighbour search.
     """
 
     def __init__(self, points: torch.Tensor, first_copy: torch.Tensor, top_size: int, list_length: int,
-                 block_size: int, threads: int, pool: ThreadPoolExecutor | None, mid_factor: int = 4) -> None:
+                 block_size: int, threads: int, cells: int) -> None:
         self.points, self.first_copy = points, first_copy
         x = points.to(torch.float64, copy=True)
         self.mean = x.mean(0)
         x -= self.mean  # centring shrinks the norms, and with them the Gram rounding error
         self.sq_norms = torch.cat([x[start:start + block_size].square().sum(1)  # by blocks: no second copy of x
                                    for start in range(0, x.shape[0], block_size)])
-        self.top_size = top_size
-        self.default_mid_size = self.mid_size = mid_factor * top_size
+        self.top_size, self.min_newcomers = top_size, max(1, top_size // 4)
         self.threads = threads  # for the large products; everything else runs on one
-        self.pool = pool  # CPU threads for the float32 row blocks, one block each (None: one product on all)
-        self.thread_buffers = threading.local()  # each pool thread's buffer for its products' results
         self.list_length, self.block_size = list_length, block_size
-        self.min_newcomers = max(1, top_size // 4)
         # float64 rows' norms: summed in float64. Their bound serves the neighbour choices, which compare with
         # the input's own distances: the centring rounds each coordinate of x - mean (u relative), which moves
         # a distance by at most u (|a| + |b|), and so its square by at most (4 + 2 u) u S.
         self.error64 = gram_error_factor(x.shape[1], F64_UNIT, norm_error=x.shape[1] * F64_UNIT) + 4.01 * F64_UNIT
-        self.error32 = float32_error_factor(x.shape[1])
         n = x.shape[0]
         self.device = x.device
         self.product_size = 8 * block_size * block_size  # elements of a product's result, to bound the memory
-        self.packed = _LivePoints(x, self.sq_norms.clone(), _float32_copy(x, block_size), block_size)
-        self.sums, self.bounds, self.nearest = self._initial_sums()
-        self.sums[first_copy != torch.arange(n, device=self.device)] = -torch.inf  # copies: kept at the first
-        self.live = int(torch.isfinite(self.sums).sum())
-        self.packed.sort_float32(self.sums + self.bounds)
-        # The float32 rows from tail_start on are the tail: their estimates still lack the rows
-        # assigned since it was set aside (tail_pending), and none is above tail_outside.
-        self.tail_start = self.packed.rows32.numel()
-        self.tail_pending: list[torch.Tensor] = []
-        self.tail_outside = -np.inf
-        self.pending: list[torch.Tensor] = []  # assigned since the last update of all estimates
-        self.mid_pending: list[torch.Tensor] = []  # assigned since the last update of the middle tier
-        # Each assigned row j is at least nearest[j] from every other point, so a sum that still lacks the
-        # rows of a pending list is at least their summed `nearest` (its drop) above the truth: the largest
-        # stale bound of a tier, less its drop, still bounds every sum in it.
-        self.drop = self.mid_drop = self.tail_drop = 0.0
+        cells = min(cells, n)
+        with cpu_threads(threads):
+            self.cells = _CellSums(x, self.sq_norms, _cells(x, self.sq_norms, cells), cells)
+        self.packed = _LivePoints(x, self.sq_norms.clone(), block_size)
+        # Upper bounds of the live groups' sums outside the exact tier; -inf for copies (their sum is kept at the
+        # first), dead groups and the tier's members.
+        self.bounds = torch.full((n,), -torch.inf, dtype=torch.float64, device=self.device)
+        groups = (first_copy == torch.arange(n, device=self.device)).nonzero().squeeze(1)
+        self.bounds[groups] = torch.inf
+        self.terms = torch.empty((n, cells), dtype=torch.float64, device=self.device)  # each group's, when last taken
+        for start in range(0, groups.numel(), block_size):
+            self._refresh(groups[start:start + block_size])
+        # The warm rows: slots holding a group, its centred vector, squared norm and dot products with the cells'
+        # sums (`warm_live` marks the slots in use), and each group's slot (-1 when cold).
+        self.warm_size = 2 * top_size
+        self.warm = torch.zeros(self.warm_size, dtype=torch.long, device=self.device)
+        self.warm_x = torch.zeros((self.warm_size, x.shape[1]), dtype=torch.float64, device=self.device)
+        self.warm_sq = torch.zeros(self.warm_size, dtype=torch.float64, device=self.device)
+        self.warm_dots = torch.zeros((self.warm_size, cells), dtype=torch.float64, device=self.device)
+        self.warm_live = torch.zeros(self.warm_size, dtype=torch.bool, device=self.device)
+        self.warm_slot = torch.full((n,), -1, dtype=torch.long, device=self.device)
         empty = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.top, self.mid = empty, empty
-        self.top_exact = torch.zeros(0, dtype=torch.float64, device=self.device)
+        self.top, self.top_exact = empty, torch.zeros(0, dtype=torch.float64, device=self.device)
+        self.top_x, self.top_sq_norms = self.centred(empty), self.sq_norms[empty]
         self.lists: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
         self.slots: dict[int, int] = {}
-        self.outside = self.mid_outside = np.inf  # largest bound outside the tiers and the tail / in the middle tier
 
     def centred(self, rows: torch.Tensor | list[int]) -> torch.Tensor:
         """Centred float64 rows by original index, bit for bit as in the packed copy (which has
         dropped assigned rows, and holds each group's vector at its first row only while it lives)."""
         return self.points[rows].to(torch.float64) - self.mean
 
-    def _initial_sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Float32 sums over all pairs with their bounds, and lower bounds of each point's distance to its
-        nearest other point, each pair of row blocks visited once."""
-        p = self.packed
-        n = p.rows.numel()
-        sums = torch.zeros(n, dtype=torch.float64, device=self.device)
-        bounds = torch.zeros_like(sums)
-        nearest = torch.full_like(sums, torch.inf)
-        pairs = [(i0, j0) for i0 in range(0, n, self.block_size) for j0 in range(i0, n, self.block_size)]
-        # With a CPU pool, two blocks run side by side, one per thread (as in the bulk updates).
-        run, threads = (map, self.threads) if self.pool is None else (self.pool.map, 1)
+    def _refresh(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The groups' bounds from the cell sums as they are now (where lower than the stale ones); returns
+        their centred vectors, squared norms and dot products with the cells' sums."""
+        x, sq_norms = self.centred(groups), self.sq_norms[groups]
+        dots = self.cells.dots(x)
+        self.terms[groups] = self.cells.terms(dots, sq_norms)
+        self._age(groups)
+        return x, sq_norms, dots
 
-        def block_sums(pair: tuple[int, int]) -> list[BoundedSums]:
-            rows, cols = (slice(start, start + self.block_size) for start in pair)
-            out = self._thread_buffer(self.block_size ** 2) if self.pool else None
-            return _bounded_sums(p.x32[rows], p.sq32[rows], p.slack32[rows], p.x32[cols], p.sq32[cols],
-                                 p.slack32[cols], self.error32, pair[0] == pair[1], pair[0] != pair[1], threads, out)
+    def _age(self, groups: torch.Tensor) -> None:
+        """The groups' bounds from their stored terms and the cells' current counts (where lower): no product."""
+        self.bounds[groups] = torch.minimum(self.bounds[groups], self.cells.bounds(self.terms[groups]))
 
-        for (i0, j0), block in tqdm(zip(pairs, run(block_sums, pairs)), total=len(pairs),
-                                    desc="k-Same distance sums", leave=False, disable=None):
-            for span, side in zip((slice(i0, i0 + self.block_size), slice(j0, j0 + self.block_size)), block):
-                sums[span] += side.sums
-                bounds[span] += side.bounds
-                torch.minimum(nearest[span], side.nearest, out=nearest[span])
-        return sums, bounds, nearest
+    def _warm_up(self, groups: torch.Tensor, x: torch.Tensor, sq_norms: torch.Tensor, dots: torch.Tensor) -> None:
+        """Make cold groups warm (just refreshed: their centred vectors, squared norms and dot products); when the
+        slots run out, the warm groups with the lowest bounds go cold (their bounds stay, stale but valid)."""
+        if groups.numel() > self.warm_size:  # only the largest can be warm
+            keep = self.bounds[groups].topk(self.warm_size).indices
+            groups, x, sq_norms, dots = groups[keep], x[keep], sq_norms[keep], dots[keep]
+        free = (~self.warm_live).nonzero().squeeze(1)
+        if free.numel() < groups.numel():
+            live = self.warm_live.nonzero().squeeze(1)
+            lowest = live[self.bounds[self.warm[live]].topk(groups.numel() - free.numel(), largest=False).indices]
+            self._cool(self.warm[lowest])
+            free = torch.cat([free, lowest])
+        slots = free[:groups.numel()]
+        self.warm[slots], self.warm_x[slots], self.warm_sq[slots], self.warm_dots[slots] = groups, x, sq_norms, dots
+        self.warm_live[slots], self.warm_slot[groups] = True, slots
 
-    def _thread_buffer(self, size: int) -> torch.Tensor:
-        """This thread's float32 buffer of at least `size` elements. Reused, so that the pool's threads
-        do not leave freed results scattered over their own malloc arenas (at N = 100,000 that kept
-        about 0.65 GB resident)."""
-        buffer = getattr(self.thread_buffers, "buffer", None)
-        if buffer is None or buffer.numel() < size:
-            buffer = self.thread_buffers.buffer = torch.empty(size, dtype=torch.float32, device=self.device)
-        return buffer
+    def _cool(self, groups: torch.Tensor) -> None:
+        """The groups that are warm stop being so (entering the tier, dead, or pushed out)."""
+        slots = self.warm_slot[groups]
+        self.warm_live[slots[slots >= 0]] = False
+        self.warm_slot[groups] = -1
+
+    def _reaching(self, best: float, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """Groups outside the exact tier (of `groups`, else of all) whose bounds the tier's largest sum does not
+        beat (`_beats`; sums and bounds are never negative)."""
+        threshold = best / (1.0 + SUM_MARGIN)
+        if groups is None:
+            return (self.bounds >= threshold).nonzero().squeeze(1)
+        return groups[self.bounds[groups] >= threshold]
 
     def _best(self) -> float:
-        """The largest exact sum in the top tier (-inf when it is empty)."""
+        """The largest exact sum in the tier (-inf when it has no live member)."""
         return self.top_exact.max().item() if self.top.numel() else -np.inf
-
-    def _tail_due(self, best: float) -> bool:
-        """Whether a tail estimate may come within TAIL_DUE of the largest exact sum."""
-        return self.tail_start < self.packed.rows32.numel() and not _beats(best * (1.0 - TAIL_DUE), self._tail_bound())
-
-    def _tail_bound(self) -> float:
-        """An upper bound of every tail sum: its rows miss both the tail's pending rows and the others'."""
-        return self.tail_outside - self.tail_drop - self.drop
-
-    def _outside_bound(self) -> float:
-        """An upper bound of every sum outside the top and middle tiers, the tail's included."""
-        return max(self.outside - self.drop, self._tail_bound())
 
     def best_groups(self) -> list[int]:
         """Groups whose sums are within rounding of the largest (usually one)."""
         while True:
             best = self._best()
-            beaten_inside = not _beats(best, self.mid_outside - self.mid_drop)
-            if _beats(best, self._outside_bound()) and not beaten_inside:
+            if best == -np.inf:  # no live group in the tier
+                self._admit(self.top[:0])
+                continue
+            reaching = self._reaching(best)
+            if reaching.numel() == 0:
                 return self.top[self.top_exact >= best - SUM_MARGIN * abs(best)].tolist()
-            if beaten_inside and self.top.numel():
-                if self.mid_pending:  # the middle tier's bounds may just be stale
-                    self._update_mid()
-                    self.mid_outside = (self.sums[self.mid] + self.bounds[self.mid]).max().item() \
-                        if self.mid.numel() else -np.inf
-                else:
-                    self._choose_top()
-            else:
-                if self.pending or self._tail_due(best):
-                    self.mid_size = self.default_mid_size
-                elif self.top.numel():  # below a bound outside the middle tier: widen it
-                    self.mid_size *= 2
-                self._update_all()
-                self._choose_mid()
-                self._choose_top()
+            self._tighten(reaching)  # their bounds may just be stale
+            cold = self._reaching(best, reaching[self.warm_slot[reaching] < 0])
+            if cold.numel():
+                self._warm_up(cold, *self._refresh(cold))
+            reaching = self._reaching(best, reaching)
+            if reaching.numel():
+                self._admit(reaching)
+
+    def _tighten(self, groups: torch.Tensor) -> None:
+        """The groups' bounds with no pass over the data: fresh for the warm ones (from their dot products), from
+        the stored terms and the current counts for the cold ones."""
+        slots = self.warm_slot[groups]
+        warm = slots >= 0
+        self.terms[groups[warm]] = self.cells.terms(self.warm_dots[slots[warm]], self.warm_sq[slots[warm]])
+        self._age(groups)
+
+    def _admit(self, needed: torch.Tensor) -> None:
+        """Bring into the exact tier the groups `needed` (the largest `top_size` of them, all with fresh bounds),
+        topped up to `min_newcomers` with the largest fresh bounds outside: one pass over the unassigned points
+        costs about as much for dozens of groups as for one. Members stay, but when there are more than twice
+        `top_size`, the lowest go back to bounds (their exact sums, which only shrink)."""
+        needed = needed[self.bounds[needed].topk(min(needed.numel(), self.top_size)).indices]
+        self.bounds[needed] = -torch.inf  # in the tier from here on
+        outside = int(torch.isfinite(self.bounds).sum())
+        extra = min(self.min_newcomers - needed.numel(), outside)
+        if extra > 0:  # the largest fresh bounds: the warm ones, and if too few, the largest stale ones refreshed
+            pool = self.warm[self.warm_live]
+            pool = pool[torch.isfinite(self.bounds[pool])]  # not the needed ones
+            self._tighten(pool)
+            if pool.numel() < extra:
+                pool = self.bounds.topk(min(4 * extra, outside)).indices
+                cold = pool[self.warm_slot[pool] < 0]
+                if cold.numel():
+                    self._warm_up(cold, *self._refresh(cold))
+            picked = pool[self.bounds[pool].topk(extra).indices]
+            self.bounds[picked] = -torch.inf
+            needed = torch.cat([needed, picked])
+        self._cool(needed)
+        live = torch.isfinite(self.top_exact)
+        members, member_exact = self.top[live], self.top_exact[live]
+        if members.numel() > 2 * self.top_size:
+            best = member_exact.max().item()
+            kept = member_exact >= min(member_exact.topk(self.top_size).values[-1].item(),
+                                       best - SUM_MARGIN * abs(best))  # never one tied with the best
+            self.bounds[members[~kept]] = member_exact[~kept]
+            members, member_exact = members[kept], member_exact[kept]
+        if self.packed.sparse():
+            self.packed.compact()
+        newcomer_exact, lists = self._exact_sums_and_lists(needed)
+        self.top, self.top_exact = torch.cat([members, needed]), torch.cat([member_exact, newcomer_exact])
+        self.lists = {group: self.lists[group] for group in members.tolist()}
+        self.lists.update(zip(needed.tolist(), lists))
+        self.slots = {group: slot for slot, group in enumerate(self.top.tolist())}
+        self.top_x, self.top_sq_norms = self.centred(self.top), self.sq_norms[self.top]
 
     def neighbour_list(self, group: int) -> tuple[np.ndarray, np.ndarray, float]:
         """The group's listed nearest points, their squared distances, and a squared distance
-        below which no unlisted point lies (all taken when it entered the top set)."""
+        below which no unlisted point lies (all taken when it entered the exact tier)."""
         return self.lists[group]
 
     def scan(self, pivot: int) -> tuple[np.ndarray, np.ndarray]:
@@ -448,179 +432,21 @@ class _DistanceSums:
     def remove(self, members: np.ndarray, member_groups: np.ndarray, dead_groups: list[int]) -> None:
         """Account for newly assigned rows; `dead_groups` have no unassigned copy left."""
         rows = torch.as_tensor(members, device=self.device)
-        distances = squared_distances(self.top_x, self.top_sq_norms, self.centred(rows), self.sq_norms[rows]).sqrt_()
+        x, sq_norms = self.centred(rows), self.sq_norms[rows]
+        distances = squared_distances(self.top_x, self.top_sq_norms, x, sq_norms).sqrt_()
         for column, group in enumerate(member_groups.tolist()):
-            if group in self.slots:  # a copy of a top-tier vector: exactly 0
+            if group in self.slots:  # a copy of a tier member's vector: exactly 0
                 distances[self.slots[group], column] = 0.0
         self.top_exact -= distances.sum(1)
+        self.cells.leave(x, sq_norms, rows)
+        self.warm_dots.index_add_(1, self.cells.cell[rows], self.warm_x @ x.T, alpha=-1.0)
         if dead_groups:
-            self.sums[torch.tensor(dead_groups, device=self.device)] = -torch.inf
+            dead = torch.tensor(dead_groups, device=self.device)
+            self.bounds[dead] = -torch.inf
+            self._cool(dead)
             dead_slots = [self.slots[group] for group in dead_groups if group in self.slots]
             self.top_exact[torch.tensor(dead_slots, dtype=torch.long, device=self.device)] = -torch.inf
-            self.live -= len(dead_groups)
         self.packed.alive[self.packed.position[rows]] = False
-        self.pending.append(rows)
-        self.mid_pending.append(rows)
-        drop = self.nearest[rows].sum().item()
-        self.drop += drop
-        self.mid_drop += drop
-
-    def _float32_of(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Float32 copies, squared norms and rounding distances of rows, by original index. A group's
-        first row may have been assigned and packed away while copies of it are left: that one is
-        cast again from the float64 rows (the same vector, so the same float32 copy)."""
-        at = self.packed.position32[rows]
-        x32 = self.packed.x32[at.clamp(min=0)]
-        absent = at < 0
-        if bool(absent.any()):
-            x32[absent] = self.centred(rows[absent]).float()
-        return x32, self.packed.sq32_of[rows], self.packed.slack32_of[rows]
-
-    def _subtract_from_mid(self, assigned: torch.Tensor) -> None:
-        """The middle tier's float32 estimates lose their distances to the `assigned` rows."""
-        total, bound, _ = _bounded_sums(self.mid_x32, self.mid_sq32, self.mid_slack32, *self._float32_of(assigned),
-                                        self.error32, False, False)[0]
-        self.sums[self.mid] -= total
-        self.bounds[self.mid] += bound
-
-    def _update_mid(self) -> None:
-        if self.mid_pending:
-            self._subtract_from_mid(torch.cat(self.mid_pending))
-        self.mid_pending, self.mid_drop = [], 0.0
-
-    def _update_all(self) -> None:
-        """All estimates up to date, or else certainly below TAIL_DUE of the largest exact sum: the
-        middle tier from its own pending rows, the rest in wide products over the packed points."""
-        self._update_mid()
-        if self.pending or self._tail_due(self._best()):
-            self._subtract_from_all()
-
-    def _subtract_from_all(self) -> None:
-        """The estimates outside the middle tier lose their distances to the rows assigned since:
-        the float32 rows before the tail at every call, the tail only when due (or before the rows
-        are packed again), in one product as wide as all the rows it has missed. Then, if there is
-        no tail, the float32 rows whose estimates are far below the largest exact sum become one."""
-        p = self.packed
-        end = p.rows32.numel()
-        if self.pending:
-            assigned = torch.cat(self.pending)
-            self._subtract_rows(slice(0, self.tail_start), assigned)
-            if self.tail_start < end:
-                self.tail_pending.append(assigned)
-                self.tail_drop += self.drop
-        self.pending, self.drop = [], 0.0
-        sparse, best = p.sparse(), self._best()
-        if self.tail_start < end and (sparse or self._tail_due(best)):
-            self._subtract_rows(slice(self.tail_start, end), torch.cat(self.tail_pending))
-            self.tail_start, self.tail_pending, self.tail_outside, self.tail_drop = end, [], -np.inf, 0.0
-        if sparse:
-            p.compact(self._keys())
-            self.tail_start = p.rows32.numel()
-        if self.tail_start == p.rows32.numel() and self.top.numel():
-            self._set_tail_aside(best)
-
-    def _subtract_rows(self, span: slice, assigned: torch.Tensor) -> None:
-        """The estimates of the float32 rows in `span` lose their distances to the `assigned` rows, except
-        those that nothing reads: dead groups' (-inf), and the top and middle tiers' (their own sums
-        replace them). At N = 20,000 they were a fifth of the products, mostly assigned rows not yet packed
-        away (a live group's first row among them: its sum lives there)."""
-        p = self.packed
-        rows = p.rows32[span]
-        in_tiers = torch.zeros(self.sq_norms.numel(), dtype=torch.bool, device=self.device)
-        in_tiers[self.mid] = True
-        in_tiers[self.top] = True
-        at = (torch.isfinite(self.sums[rows]) & ~in_tiers[rows]).nonzero().squeeze(1) + span.start
-        cols = p.position32[assigned]
-        total, bound = self._float32_sums(at, (p.x32[cols], p.sq32[cols], p.slack32[cols]))
-        rows = p.rows32[at]
-        self.sums[rows] -= total
-        self.bounds[rows] += bound
-
-    def _float32_sums(self, at: torch.Tensor, cols: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bounded float32 distance sums from each float32 row at positions `at` to `cols` (float32 vectors,
-        their squared norms and rounding distances). With a CPU pool, blocks of rows run side by side, one
-        per thread, each gathering its own rows, so that each result stays in cache through the elementwise
-        passes; else products as large as the memory budget allows, on every thread."""
-        p = self.packed
-        count = at.numel()
-        if count == 0:
-            return p.sq32[:0], p.sq32[:0]
-        if self.pool is None:
-            chunk, threads, run = max(1, self.product_size // cols[0].shape[0]), self.threads, map
-        else:
-            pieces = self.threads * -(-count // (self.threads * self.block_size))  # a multiple of the threads
-            chunk, threads, run = -(-count // pieces), 1, self.pool.map
-
-        def block_sums(start: int) -> BoundedSums:
-            out = self._thread_buffer(chunk * cols[0].shape[0]) if self.pool else None
-            rows = at[start:start + chunk]
-            return _bounded_sums(p.x32[rows], p.sq32[rows], p.slack32[rows], *cols, self.error32, False, False,
-                                 threads, out)[0]
-
-        blocks = list(run(block_sums, range(0, count, chunk)))
-        return torch.cat([block.sums for block in blocks]), torch.cat([block.bounds for block in blocks])
-
-    def _set_tail_aside(self, best: float) -> None:
-        """The longest run of float32 rows at the end whose estimates are TAIL_GAP below the largest
-        exact sum becomes the tail (the top and middle tiers are never in it)."""
-        p = self.packed
-        keys = self._keys()
-        keys[self.top] = torch.inf
-        keys[self.mid] = torch.inf
-        keys = keys[p.rows32]
-        above = (keys >= best * (1.0 - TAIL_GAP)).nonzero()
-        start = int(above[-1]) + 1 if above.numel() else 0
-        if p.rows32.numel() - start >= self.block_size:
-            self.tail_start, self.tail_outside = start, keys[start:].max().item()
-
-    def _keys(self) -> torch.Tensor:
-        """Upper bounds of every group's current sum (exact for the top tier; -inf when dead)."""
-        keys = self.sums + self.bounds
-        live_top = torch.isfinite(self.top_exact)
-        keys[self.top] = -torch.inf
-        keys[self.top[live_top]] = self.top_exact[live_top]
-        return keys
-
-    def _choose_mid(self) -> None:
-        """The middle tier: the largest bounds outside the top tier and the tail (all estimates but the
-        tail's up to date)."""
-        keys = self._keys()
-        keys[self.top] = -torch.inf
-        keys[self.packed.rows32[self.tail_start:]] = -torch.inf  # the tail stays out (its estimates lag)
-        self.mid = keys.topk(min(self.mid_size, self.live)).indices
-        self.mid = self.mid[torch.isfinite(keys[self.mid])]
-        keys[self.mid] = -torch.inf
-        self.outside = keys.max().item() if keys.numel() else -np.inf
-
-    def _choose_top(self) -> None:
-        """Admit to the top tier the middle-tier groups whose bounds reach its largest exact sum, at
-        least `min_newcomers` at a time (each batch reads all unassigned points once) and at most
-        `top_size`; both tiers up to date. Members stay; newcomers get exact sums and lists."""
-        keys = self._keys()
-        members = self.top[torch.isfinite(self.top_exact)]
-        member_exact = keys[members]
-        best = member_exact.max().item() if members.numel() else -np.inf
-        if members.numel() > 2 * self.top_size:  # too many to update every step: the lowest go back
-            kept = member_exact >= min(member_exact.topk(self.top_size).values[-1].item(),
-                                       best - SUM_MARGIN * abs(best))  # never one tied with the best
-            dropped = members[~kept]
-            self.sums[dropped], self.bounds[dropped] = keys[dropped], 0.0
-            self.mid = torch.cat([self.mid, dropped])
-            members, member_exact = members[kept], member_exact[kept]
-        mid_keys = keys[self.mid]
-        needed = int((torch.isfinite(mid_keys) & (mid_keys >= best - SUM_MARGIN * abs(best))).sum())
-        count = min(max(needed, self.min_newcomers), self.top_size, mid_keys.numel()) if needed else 0
-        newcomers = self.mid[mid_keys.topk(count).indices]
-        newcomers = newcomers[torch.isfinite(keys[newcomers])]
-        self.mid = self.mid[~torch.isin(self.mid, newcomers)]
-        self.mid_x32, self.mid_sq32, self.mid_slack32 = self._float32_of(self.mid)
-        self.mid_outside = keys[self.mid].max().item() if self.mid.numel() else -np.inf
-        newcomer_exact, lists = self._exact_sums_and_lists(newcomers)
-        self.top, self.top_exact = torch.cat([members, newcomers]), torch.cat([member_exact, newcomer_exact])
-        self.lists = {group: self.lists[group] for group in members.tolist()}
-        self.lists.update(zip(newcomers.tolist(), lists))
-        self.slots = {group: slot for slot, group in enumerate(self.top.tolist())}
-        self.top_x, self.top_sq_norms = self.centred(self.top), self.sq_norms[self.top]
 
     def _exact_sums_and_lists(self, groups: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Float64 sums over the unassigned points and sorted lists of the nearest ones (self excluded).
@@ -661,12 +487,12 @@ class _DistanceSums:
 
 
 def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.device,
-                   block_size: int = 1024, top_size: int = 256, list_length: int = 64) -> np.ndarray:
+                   block_size: int = 1024, top_size: int = 128, list_length: int = 64, cells: int = 16) -> np.ndarray:
     """Row indices of the k-Same clusters (num_clusters x k, int64), in the order they are formed.
 
     Each row lists the pivot first, then its neighbours by increasing distance (ties: lowest
-    index). The last N mod k rows are left out, as in the reference. `block_size`,
-    `top_size` and `list_length` trade memory for speed; the result does not depend on them.
+    index). The last N mod k rows are left out, as in the reference. `block_size`, `top_size`,
+    `list_length` and `cells` trade memory for speed; the result does not depend on them.
     """
     if isinstance(embeddings, torch.Tensor):
         embeddings = embeddings.detach().cpu().numpy()
@@ -689,12 +515,9 @@ def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.
     unassigned = np.ones(n, dtype=bool)
     clusters = np.empty((n // k, k), dtype=np.int64)
     threads = torch.get_num_threads()
-    # Small ops: a second thread costs more than it gains, above all on a busy machine.
-    pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) \
-        if device.type == "cpu" and threads > 1 else None
-    with one_cpu_thread(), _full_float32_products(), pool or nullcontext():
+    with one_cpu_thread():  # small ops: a second thread costs more than it gains, above all on a busy machine
         pivot_sums = _DistanceSums(points, torch.as_tensor(first_copy, device=device), top_size,
-                                   min(max(list_length, 2 * k), n - 1), block_size, threads, pool)
+                                   min(max(list_length, 2 * k), n - 1), block_size, threads, cells)
         host_sq_norms, error = pivot_sums.sq_norms.cpu().numpy(), pivot_sums.error64
         for step in tqdm(range(n // k), desc=f"k-Same (k={k})", leave=False, disable=None):
             # Sums this close may be equal in exact arithmetic (always so when two points are

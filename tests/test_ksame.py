@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from src.cli import UserError
-from src.ksame import BoundedSums, _bounded_sums, _float32_copy, float32_error_factor, ksame, ksame_clusters
+from src.ksame import _cells, _CellSums, ksame, ksame_clusters
 from src.runtime import cpu_threads
 
 CPU = torch.device("cpu")
@@ -30,8 +30,8 @@ def reference_clusters(embeddings: np.ndarray, k: int) -> np.ndarray:
 
 
 def small_blocks(embeddings: np.ndarray, k: int) -> np.ndarray:
-    """Our clustering with tiny blocks and frequent refreshes, so every code path runs on small data."""
-    return ksame_clusters(embeddings, k, CPU, block_size=16, top_size=8, list_length=4)
+    """Our clustering with tiny blocks, tiers and lists, so every code path runs on small data."""
+    return ksame_clusters(embeddings, k, CPU, block_size=16, top_size=8, list_length=4, cells=3)
 
 
 def mixture(n: int, seed: int) -> np.ndarray:
@@ -50,8 +50,7 @@ def test_clusters_match_reference_on_random_data(n: int, k: int) -> None:
 
 @pytest.mark.parametrize("n, k", [(101, 5), (203, 3)])
 def test_one_thread_gives_the_same_clusters(n: int, k: int) -> None:
-    """On one CPU thread there are no row blocks side by side: each update is one product over all
-    its rows (the path a GPU takes)."""
+    """On one CPU thread every product runs on it, the large ones included (as on a GPU)."""
     embeddings = mixture(n, seed=n * 100 + k)
     with cpu_threads(1):
         np.testing.assert_array_equal(small_blocks(embeddings, k), reference_clusters(embeddings, k))
@@ -101,73 +100,11 @@ def test_k_equal_to_n_makes_one_cluster() -> None:
     np.testing.assert_allclose(anonymized, np.broadcast_to(embeddings.mean(0), (7, 3)), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(("dim", "scale", "offset"), [(4, 1e-3, 0.0), (4, 1.0, 1000.0), (4, 1e3, 10.0),
-                                                     (16, 1.0, 100.0),
-                                                     (768, 1e-3, 0.0), (768, 1.0, 1000.0), (768, 1e3, 10.0)])
-def test_float32_sum_bounds_hold_at_every_scale(dim: int, scale: float, offset: float) -> None:
-    """The bounds of `gram_error_factor` and `_bounded_sums`, which carry no spare factor, hold where the
-    float32 pass errs most: short and embedding-length rows, norms up to 1,000x the spread (where the
-    Gram form cancels), copies and near copies (where the square root amplifies), on the diagonal and
-    off it, both sides; the oracle takes each distance from the differences in float64 (no Gram form).
-    Each row's nearest-distance bound lies below the true nearest distance, by at most two distance
-    errors (a bound that gave up, say 0 everywhere, fails where points are apart)."""
-    rng = np.random.default_rng(dim)
-    x = rng.normal(size=(120, dim)) * scale + offset * rng.normal(size=dim)
-    near = x[0::7][:len(x[1::7])]
-    x[1::7] = near + rng.normal(size=near.shape) * 1e-6 * np.abs(x).max()  # near copies
-    x[2::9] = x[0]  # copies
-    x = torch.from_numpy(x)
-    x32, sq, slack = _float32_copy(x, 32)
-    factor = float32_error_factor(dim)
-
-    def check(side: BoundedSums, a: slice, b: slice, diagonal: bool = False) -> None:
-        distances = torch.cdist(x[a], x[b], compute_mode="donot_use_mm_for_euclid_dist")
-        np.testing.assert_array_less((side.sums - distances.sum(1)).abs(), side.bounds)
-        if diagonal:
-            distances.fill_diagonal_(torch.inf)
-        nearest = distances.min(1).values
-        assert (side.nearest <= nearest).all()
-        assert (nearest - side.nearest <= 2.0 * side.bounds / distances.shape[1]).all()
-
-    everything, top, bottom = slice(None), slice(0, 50), slice(50, 120)
-    check(*_bounded_sums(x32, sq, slack, x32, sq, slack, factor, True, False), everything, everything, diagonal=True)
-    rows, cols = _bounded_sums(x32[top], sq[top], slack[top], x32[bottom], sq[bottom], slack[bottom], factor, False,
-                               True)
-    check(rows, top, bottom)
-    check(cols, bottom, top)
-    few = slice(113, 120)  # fewer rows than FEW_ROWS: the product runs with them on the left
-    rows, cols = _bounded_sums(x32, sq, slack, x32[few], sq[few], slack[few], factor, False, True)
-    check(rows, everything, few)
-    check(cols, few, everything)
-
-
-def test_float32_sum_bounds_are_within_2x_of_errors_that_occur() -> None:
-    """One row against 50 copies of one vector: each copy's distance carries the same rounding error, so
-    the sum's error is 50 times one distance's. With one coordinate, norms 1e3 to 1e5 and distances
-    about 10 sqrt(e) (where the bound is e / 2d, proportional to `gram_error_factor`), some pair reaches
-    over 0.3 of its bound (about 0.5 seen): a factor 4x too small fails here, and so does a bound
-    loosened beyond what the data can reach."""
-    rng = np.random.default_rng(1)
-    factor = float32_error_factor(1)
-    worst = 0.0
-    for offset in (1e3, 1e4, 1e5):
-        a = rng.normal(size=(500, 1)) + offset
-        b = a + rng.normal(size=(500, 1)) * 10.0 * np.sqrt(factor * 2.0 * offset ** 2)
-        a32, b32 = _float32_copy(torch.from_numpy(a), 512), _float32_copy(torch.from_numpy(b), 512)
-        for i in range(len(a)):
-            copies = (values[i:i + 1].expand(50, *values.shape[1:]) for values in b32)
-            total, bound, _ = _bounded_sums(*(values[i:i + 1] for values in a32), *copies, factor, False, False)[0]
-            error = abs(total.item() - 50 * abs(a[i, 0] - b[i, 0]))
-            assert error <= bound.item()
-            worst = max(worst, error / bound.item())
-    assert worst > 0.3
-
-
 @pytest.mark.parametrize("k", [2, 3, 5])
 @pytest.mark.parametrize("perturbation", [0.0, 1e-5])
-def test_sums_closer_than_float32_can_tell_follow_the_reference(k: int, perturbation: float) -> None:
+def test_sums_closer_than_the_bounds_can_tell_follow_the_reference(k: int, perturbation: float) -> None:
     """Points at integer positions on one axis: many exactly equal distance sums and copies, or,
-    after a perturbation of 1e-5, sums about 1e-5 apart, far below what the float32 bounds can
+    after a perturbation of 1e-5, sums about 1e-5 apart, far below what the cell bounds can
     tell; the exact tier must settle them as the reference does, with tiers of every size."""
     rng = np.random.default_rng(k)
     embeddings = np.zeros((61, 12))
@@ -189,3 +126,83 @@ def test_copies_of_few_vectors_follow_the_reference_with_tiny_tiers(seed: int, k
     embeddings = rng.normal(size=(12, 6)).astype(np.float32)[rng.integers(0, 12, 120)]
     np.testing.assert_array_equal(ksame_clusters(embeddings, k, CPU, block_size=8, top_size=2, list_length=2),
                                   reference_clusters(embeddings, k))
+
+
+@pytest.mark.parametrize("cells", [1, 2, 7, 64])
+def test_clusters_do_not_depend_on_the_cells(cells: int) -> None:
+    """The cells only make the bounds tighter or looser: one cell, a few, and more cells than points."""
+    embeddings = mixture(61, seed=cells)
+    np.testing.assert_array_equal(ksame_clusters(embeddings, 3, CPU, top_size=2, list_length=2, cells=cells),
+                                  reference_clusters(embeddings, 3))
+
+
+def true_sums(x: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """Each row's summed distance to the live rows, from float64 differences (no Gram form)."""
+    return torch.cdist(x, x[live], compute_mode="donot_use_mm_for_euclid_dist").sum(1)
+
+
+@pytest.mark.parametrize(("dim", "scale", "offset"), [(4, 1e-3, 0.0), (4, 1.0, 1e4), (16, 1e-3, 1e4),
+                                                     (768, 1e-3, 0.0), (768, 1.0, 1e3), (768, 1e-3, 1e4)])
+def test_cell_bounds_hold_at_every_scale(dim: int, scale: float, offset: float) -> None:
+    """`_CellSums` bounds every row's distance sum from above: fresh, from terms taken before points left
+    (with the counts of now), and from dot products kept up to date by subtraction (the warm rows), with
+    norms up to 10^7 times the spread (where n |x|^2 - 2 x.s + q cancels), copies and near copies, and
+    cells of every size; the oracle takes each distance from float64 differences."""
+    rng = np.random.default_rng(dim)
+    x = rng.normal(size=(150, dim)) * scale + offset * rng.normal(size=dim)
+    x[1::7] = x[0::7][:len(x[1::7])] + rng.normal(size=x[1::7].shape) * 1e-6 * scale  # near copies
+    x[2::9] = x[0]  # copies
+    x = torch.from_numpy(x)
+    sq_norms = x.square().sum(1)
+    for count in (1, 5, 40):
+        cells = _CellSums(x, sq_norms, _cells(x, sq_norms, count), count)
+        live = torch.ones(len(x), dtype=torch.bool)
+        dots = cells.dots(x)
+        stale = cells.terms(dots, sq_norms)
+        for leaving in (torch.arange(3, 150, 4), torch.arange(0, 150, 5), torch.arange(1, 150, 3)):
+            leaving = leaving[live[leaving]]
+            cells.leave(x[leaving], sq_norms[leaving], leaving)
+            dots.index_add_(1, cells.cell[leaving], x @ x[leaving].T, alpha=-1.0)
+            live[leaving] = False
+            truth = true_sums(x, live)
+            for terms in (cells.terms(cells.dots(x), sq_norms), stale, cells.terms(dots, sq_norms)):
+                assert (cells.bounds(terms) >= truth).all()
+
+
+def test_cell_bounds_are_tight_where_distances_concentrate() -> None:
+    """Cauchy-Schwarz per cell loses little when the distances to a cell's points are nearly equal, as in
+    high dimensions: on a 768-dimensional mixture, within 0.1% of every row's sum; with a single cell (a
+    mixture's distances spread more) within 3%, and never less than the sum."""
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(5, 768))[rng.integers(0, 5, 600)] + rng.normal(size=(600, 768)))
+    x -= x.mean(0)
+    sq_norms = x.square().sum(1)
+    truth = true_sums(x, torch.ones(len(x), dtype=torch.bool))
+    for count, within in ((16, 1e-3), (1, 3e-2)):
+        cells = _CellSums(x, sq_norms, _cells(x, sq_norms, count), count)
+        excess = cells.bounds(cells.terms(cells.dots(x), sq_norms)) / truth - 1.0
+        assert (excess >= 0).all() and excess.max() < within
+
+
+@pytest.mark.parametrize(("dim", "offset"), [(16, 1e4), (768, 1e3)])
+def test_cell_bounds_cover_their_rounding_where_cauchy_schwarz_is_exact(dim: int, offset: float) -> None:
+    """Copies of six vectors 1e-3 apart, 10^6 to 10^7 times further from the origin, one cell each: every
+    distance from a row to a cell's points is the same, so Cauchy-Schwarz is exact and only the rounding
+    of n |x|^2 - 2 x.s + q (and of the updates as rows leave) separates the bound from the sum. Without
+    the rounding bound, some bounds fall below the sums here (its parts overlap: each alone covers what
+    this data errs)."""
+    rng = np.random.default_rng(dim)
+    distinct = offset * rng.normal(size=dim) + 1e-3 * rng.normal(size=(6, dim))
+    which = torch.from_numpy(rng.permutation(np.repeat(np.arange(6), 40)))
+    x = torch.from_numpy(distinct)[which]
+    sq_norms = x.square().sum(1)
+    cells = _CellSums(x, sq_norms, which, 6)
+    live = torch.ones(len(x), dtype=torch.bool)
+    dots = cells.dots(x)
+    for leaving in (torch.arange(0, 240, 3), torch.arange(1, 240, 3)):
+        cells.leave(x[leaving], sq_norms[leaving], leaving)
+        dots.index_add_(1, cells.cell[leaving], x @ x[leaving].T, alpha=-1.0)
+        live[leaving] = False
+        truth = true_sums(x, live)
+        for terms in (cells.terms(cells.dots(x), sq_norms), cells.terms(dots, sq_norms)):
+            assert (cells.bounds(terms) >= truth).all()
