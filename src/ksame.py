@@ -237,11 +237,6 @@ class _LivePoints:
         self.position[self.rows] = torch.arange(keep.numel(), device=keep.device)
 
 
-def _beats(value: float, bound: float) -> bool:
-    """Whether an exact sum is certainly larger than every sum bounded by `bound`."""
-    return bound == -np.inf or value > bound + SUM_MARGIN * abs(bound)
-
-
 class _DistanceSums:
     """Each live group's summed distance to the unassigned points, for picking the pivot.
 
@@ -342,7 +337,7 @@ class _DistanceSums:
 
     def _reaching(self, best: float, groups: torch.Tensor | None = None) -> torch.Tensor:
         """Groups outside the exact tier (of `groups`, else of all) whose bounds the tier's largest sum does not
-        beat (`_beats`; sums and bounds are never negative)."""
+        certainly exceed: bound (1 + SUM_MARGIN) >= best (sums and bounds are never negative)."""
         threshold = best / (1.0 + SUM_MARGIN)
         if groups is None:
             return (self.bounds >= threshold).nonzero().squeeze(1)
