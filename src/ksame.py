@@ -147,7 +147,8 @@ def _cells(x: torch.Tensor, sq_norms: torch.Tensor, count: int) -> torch.Tensor:
 
 class _CellSums:
     """For each cell, the count, vector sum and summed squared norm of its unassigned points, which bound
-    every point's distance sum from above (`bounds`).
+    every point's distance sum from above (`bounds`). Host arrays (numpy, float64), built once from the
+    points on the device: they change by k rows a step, where numpy's per-call cost is lowest.
 
     Rounding. Every partial sum of a cell's vectors has a norm at most the sum A of their norms. The vector
     sum s sees at most 2 n_0 additions and subtractions (n_0 the cell's initial count), each within u A in
@@ -159,48 +160,67 @@ class _CellSums:
     """
 
     def __init__(self, x: torch.Tensor, sq_norms: torch.Tensor, cell: torch.Tensor, count: int) -> None:
-        self.cell = cell
         initial = torch.bincount(cell, minlength=count).to(torch.float64)
-        self.sizes = initial.clone()
-        self.vectors = torch.zeros((count, x.shape[1]), dtype=torch.float64, device=x.device).index_add_(0, cell, x)
-        self.squares = torch.zeros(count, dtype=torch.float64, device=x.device).index_add_(0, cell, sq_norms)
-        norm_sums = torch.zeros_like(self.squares).index_add_(0, cell, sq_norms.sqrt())
+        vectors = torch.zeros((count, x.shape[1]), dtype=torch.float64, device=x.device).index_add_(0, cell, x)
+        squares = torch.zeros(count, dtype=torch.float64, device=x.device).index_add_(0, cell, sq_norms)
+        norm_sums = torch.zeros_like(squares).index_add_(0, cell, sq_norms.sqrt())
+        self.cell, initial, self.vectors, self.squares, norm_sums = (
+            values.cpu().numpy() for values in (cell, initial, vectors, squares, norm_sums))
+        self.sizes = initial.copy()
         self.dot_error = 1.01 * (2.0 * (x.shape[1] + 2) + 3.03 * initial) * F64_UNIT * norm_sums  # per unit |x|
         self.square_error = (2.03 * initial + 1.01 * x.shape[1]) * F64_UNIT * self.squares
         self.gamma = 1.01 * (x.shape[1] + 7) * F64_UNIT  # |x|^2 itself, and the three terms put together
-        self.constants: tuple[torch.Tensor, torch.Tensor] | None = None  # for `terms`; None when stale
+        self.constants: tuple[np.ndarray, np.ndarray] | None = None  # for `terms`; None when stale
 
-    def leave(self, x: torch.Tensor, sq_norms: torch.Tensor, rows: torch.Tensor) -> None:
+    def leave(self, x: np.ndarray, sq_norms: np.ndarray, rows: np.ndarray) -> None:
         """The assigned `rows` (centred vectors x, squared norms) leave their cells."""
         cell = self.cell[rows]
-        self.sizes.index_add_(0, cell, torch.full_like(sq_norms, -1.0))
-        self.vectors.index_add_(0, cell, x, alpha=-1.0)
-        self.squares.index_add_(0, cell, sq_norms, alpha=-1.0)
+        np.subtract.at(self.sizes, cell, 1.0)
+        np.subtract.at(self.vectors, cell, x)
+        np.subtract.at(self.squares, cell, sq_norms)
         self.constants = None
 
-    def dots(self, x: torch.Tensor) -> torch.Tensor:
+    def dots(self, x: np.ndarray) -> np.ndarray:
         """Each row's dot products with the cells' vector sums (rows x cells)."""
         return x @ self.vectors.T
 
-    def terms(self, dots: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    def update_dots(self, dots: np.ndarray, x: np.ndarray, left: np.ndarray, rows: np.ndarray) -> None:
+        """Keep the dot products of rows x up to date, in place, as the `rows` (centred vectors `left`) leave:
+        x.y comes off the column of y's cell."""
+        np.subtract.at(dots.T, self.cell[rows], left @ x.T)
+
+    def terms(self, dots: np.ndarray, sq_norms: np.ndarray) -> np.ndarray:
         """Upper bounds of the summed squared distance from each row (its dot products with the cells' vector
         sums, its squared norm) to each cell's unassigned points: t = n |x|^2 - 2 x.s + q, plus its rounding
         (see the class), gamma (n |x|^2 + 2 |x.s| + q) + 2 |x| e_dot + e_q with |x.s| <= |x| (|s| + e_dot).
         They hold for as long as the row lives, since points only leave the cells."""
         if self.constants is None:  # per cell: the factors of |x|^2 and |x|, and the rest
-            factors = torch.stack([self.sizes * (1.0 + self.gamma),
-                                   1.01 * (2.0 * self.gamma * self.vectors.norm(dim=1)
-                                           + (2.0 * self.gamma + 2.0) * self.dot_error)])
+            factors = np.stack([self.sizes * (1.0 + self.gamma),
+                                1.01 * (2.0 * self.gamma * np.linalg.norm(self.vectors, axis=1)
+                                        + (2.0 * self.gamma + 2.0) * self.dot_error)])
             self.constants = factors, self.squares * (1.0 + self.gamma) + self.square_error
         factors, rest = self.constants
-        per_row = torch.stack([sq_norms, sq_norms.sqrt()], 1)
-        return torch.addmm(rest, per_row, factors).add_(dots, alpha=-2.0).clamp_(min=0.0)
+        per_row = np.stack([sq_norms, np.sqrt(sq_norms)], 1)
+        return np.maximum(per_row @ factors + rest - 2.0 * dots, 0.0)
 
-    def bounds(self, terms: torch.Tensor) -> torch.Tensor:
+    def bounds(self, terms: np.ndarray) -> np.ndarray:
         """Upper bounds of each row's summed distance to the unassigned points from its `terms`, taken now or
         earlier: by Cauchy-Schwarz, the sum over cells of sqrt(n t) with the cells' current counts n, times a
         final (cells + 4) u for the roots and the sum over cells."""
-        return (self.sizes * terms).sqrt_().sum(1) * (1.0 + (self.sizes.numel() + 4) * F64_UNIT)
+        return np.sqrt(self.sizes * terms).sum(1) * (1.0 + (self.sizes.size + 4) * F64_UNIT)
+
+
+def _largest(values: np.ndarray, count: int) -> np.ndarray:
+    """Positions of the `count` largest values, in no particular order (all when there are no more)."""
+    if count >= values.size:
+        return np.arange(values.size)
+    return np.argpartition(values, values.size - count)[values.size - count:] if count > 0 else np.arange(0)
+
+
+def _host_squared_distances(a: np.ndarray, a_sq_norms: np.ndarray, b: np.ndarray,
+                            b_sq_norms: np.ndarray) -> np.ndarray:
+    """`squared_distances` for host arrays of a few rows: the same Gram form, the same rounding bound."""
+    return np.maximum(a_sq_norms[:, None] + b_sq_norms[None, :] - 2.0 * (a @ b.T), 0.0)
 
 
 def _compacted(values: torch.Tensor, keep: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -213,28 +233,30 @@ def _compacted(values: torch.Tensor, keep: torch.Tensor, block_size: int) -> tor
 
 
 class _LivePoints:
-    """The unassigned points packed together in float64 (the only copy of the centred points), for the
-    passes over all of them. Packed again when a sixth of the rows have been assigned, so that the passes
-    read few dead rows and the memory stays near one copy."""
+    """The unassigned points packed together in float64 on the device (the only copy of the centred
+    points), for the passes over all of them; which rows they are is kept on the host. Packed again when a
+    sixth of the rows have been assigned, so that the passes read few dead rows and the memory stays near
+    one copy."""
 
     def __init__(self, x64: torch.Tensor, sq64: torch.Tensor, block_size: int) -> None:
-        self.rows = torch.arange(x64.shape[0], device=x64.device)  # original row index of each packed row
+        self.rows = np.arange(x64.shape[0])  # original row index of each packed row
         self.x64, self.sq64 = x64, sq64
-        self.alive = torch.ones(x64.shape[0], dtype=torch.bool, device=x64.device)
-        self.position = self.rows.clone()  # packed position of each original row; -1 once packed away
+        self.alive = np.ones(x64.shape[0], dtype=bool)
+        self.position = self.rows.copy()  # packed position of each original row; -1 once packed away
         self.block_size = block_size
 
     def sparse(self) -> bool:
-        return int(self.alive.sum()) <= 5 * self.alive.numel() // 6
+        return np.count_nonzero(self.alive) <= 5 * self.alive.size // 6
 
     def compact(self) -> None:
         """Drop the assigned rows, in place."""
-        keep = self.alive.nonzero().squeeze(1)
-        self.x64, self.sq64, self.rows = (_compacted(values, keep, self.block_size)
-                                          for values in (self.x64, self.sq64, self.rows))
-        self.alive = torch.ones(keep.numel(), dtype=torch.bool, device=keep.device)
-        self.position.fill_(-1)
-        self.position[self.rows] = torch.arange(keep.numel(), device=keep.device)
+        keep = np.flatnonzero(self.alive)
+        on_device = torch.as_tensor(keep, device=self.x64.device)
+        self.x64, self.sq64 = (_compacted(values, on_device, self.block_size) for values in (self.x64, self.sq64))
+        self.rows = self.rows[keep]
+        self.alive = np.ones(keep.size, dtype=bool)
+        self.position.fill(-1)
+        self.position[self.rows] = np.arange(keep.size)
 
 
 class _DistanceSums:
@@ -248,16 +270,22 @@ class _DistanceSums:
       keeps their bounds fresh; a cold bound that reaches it is refreshed, and its group becomes warm.
     A group enters the exact tier when its fresh bound still reaches that sum. One float64 pass over the
     unassigned points gives it its exact sum and its list of nearest points for the neighbour search.
+
+    The passes over all unassigned points run on the device; everything else (a few hundred values a
+    step) in host arrays, where a small operation costs a few microseconds rather than a torch call's ten.
     """
 
-    def __init__(self, points: torch.Tensor, first_copy: torch.Tensor, top_size: int, list_length: int,
-                 block_size: int, threads: int, cells: int) -> None:
-        self.points, self.first_copy = points, first_copy
+    def __init__(self, points: torch.Tensor, host_points: np.ndarray, first_copy: np.ndarray, top_size: int,
+                 list_length: int, block_size: int, threads: int, cells: int) -> None:
+        self.host_points, self.first_copy = host_points, first_copy
+        self.device = points.device
         x = points.to(torch.float64, copy=True)
-        self.mean = x.mean(0)
-        x -= self.mean  # centring shrinks the norms, and with them the Gram rounding error
-        self.sq_norms = torch.cat([x[start:start + block_size].square().sum(1)  # by blocks: no second copy of x
-                                   for start in range(0, x.shape[0], block_size)])
+        mean = x.mean(0)
+        x -= mean  # centring shrinks the norms, and with them the Gram rounding error
+        sq_norms = torch.cat([x[start:start + block_size].square().sum(1)  # by blocks: no second copy of x
+                              for start in range(0, x.shape[0], block_size)])
+        # host copies (a copy of the norms: the packed ones are compacted in place)
+        self.mean, self.sq_norms = mean.cpu().numpy(), sq_norms.cpu().numpy().copy()
         self.top_size, self.min_newcomers = top_size, max(1, top_size // 4)
         self.threads = threads  # for the large products; everything else runs on one
         self.list_length, self.block_size = list_length, block_size
@@ -266,41 +294,42 @@ class _DistanceSums:
         # a distance by at most u (|a| + |b|), and so its square by at most (4 + 2 u) u S.
         self.error64 = gram_error_factor(x.shape[1], F64_UNIT, norm_error=x.shape[1] * F64_UNIT) + 4.01 * F64_UNIT
         n = x.shape[0]
-        self.device = x.device
         self.product_size = 8 * block_size * block_size  # elements of a product's result, to bound the memory
         cells = min(cells, n)
         with cpu_threads(threads):
-            self.cells = _CellSums(x, self.sq_norms, _cells(x, self.sq_norms, cells), cells)
-        self.packed = _LivePoints(x, self.sq_norms.clone(), block_size)
+            self.cells = _CellSums(x, sq_norms, _cells(x, sq_norms, cells), cells)
+        self.packed = _LivePoints(x, sq_norms, block_size)
         # Upper bounds of the live groups' sums outside the exact tier; -inf for copies (their sum is kept at the
         # first), dead groups and the tier's members.
-        self.bounds = torch.full((n,), -torch.inf, dtype=torch.float64, device=self.device)
-        groups = (first_copy == torch.arange(n, device=self.device)).nonzero().squeeze(1)
-        self.bounds[groups] = torch.inf
-        self.terms = torch.empty((n, cells), dtype=torch.float64, device=self.device)  # each group's, when last taken
-        for start in range(0, groups.numel(), block_size):
+        self.bounds = np.full(n, -np.inf)
+        groups = np.flatnonzero(first_copy == np.arange(n))
+        self.bounds[groups] = np.inf
+        self.terms = np.empty((n, cells))  # each group's, when last taken
+        for start in range(0, groups.size, block_size):
             self._refresh(groups[start:start + block_size])
         # The warm rows: slots holding a group, its centred vector, squared norm and dot products with the cells'
         # sums (`warm_live` marks the slots in use), and each group's slot (-1 when cold).
         self.warm_size = 2 * top_size
-        self.warm = torch.zeros(self.warm_size, dtype=torch.long, device=self.device)
-        self.warm_x = torch.zeros((self.warm_size, x.shape[1]), dtype=torch.float64, device=self.device)
-        self.warm_sq = torch.zeros(self.warm_size, dtype=torch.float64, device=self.device)
-        self.warm_dots = torch.zeros((self.warm_size, cells), dtype=torch.float64, device=self.device)
-        self.warm_live = torch.zeros(self.warm_size, dtype=torch.bool, device=self.device)
-        self.warm_slot = torch.full((n,), -1, dtype=torch.long, device=self.device)
-        empty = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.top, self.top_exact = empty, torch.zeros(0, dtype=torch.float64, device=self.device)
-        self.top_x, self.top_sq_norms = self.centred(empty), self.sq_norms[empty]
+        self.warm = np.zeros(self.warm_size, dtype=np.int64)
+        self.warm_x = np.zeros((self.warm_size, x.shape[1]))
+        self.warm_sq = np.zeros(self.warm_size)
+        self.warm_dots = np.zeros((self.warm_size, cells))
+        self.warm_live = np.zeros(self.warm_size, dtype=bool)
+        self.warm_slot = np.full(n, -1, dtype=np.int64)
+        self.top, self.top_exact = np.zeros(0, dtype=np.int64), np.zeros(0)
+        self.top_x, self.top_sq_norms = self.centred(self.top), self.sq_norms[self.top]
         self.lists: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
         self.slots: dict[int, int] = {}
 
-    def centred(self, rows: torch.Tensor | list[int]) -> torch.Tensor:
+    def centred(self, rows: np.ndarray | list[int]) -> np.ndarray:
         """Centred float64 rows by original index, bit for bit as in the packed copy (which has
         dropped assigned rows, and holds each group's vector at its first row only while it lives)."""
-        return self.points[rows].to(torch.float64) - self.mean
+        return self.host_points[rows].astype(np.float64) - self.mean
 
-    def _refresh(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _on_device(self, values: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(values, device=self.device)
+
+    def _refresh(self, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The groups' bounds from the cell sums as they are now (where lower than the stale ones); returns
         their centred vectors, squared norms and dot products with the cells' sums."""
         x, sq_norms = self.centred(groups), self.sq_norms[groups]
@@ -309,43 +338,43 @@ class _DistanceSums:
         self._age(groups)
         return x, sq_norms, dots
 
-    def _age(self, groups: torch.Tensor) -> None:
+    def _age(self, groups: np.ndarray) -> None:
         """The groups' bounds from their stored terms and the cells' current counts (where lower): no product."""
-        self.bounds[groups] = torch.minimum(self.bounds[groups], self.cells.bounds(self.terms[groups]))
+        self.bounds[groups] = np.minimum(self.bounds[groups], self.cells.bounds(self.terms[groups]))
 
-    def _warm_up(self, groups: torch.Tensor, x: torch.Tensor, sq_norms: torch.Tensor, dots: torch.Tensor) -> None:
+    def _warm_up(self, groups: np.ndarray, x: np.ndarray, sq_norms: np.ndarray, dots: np.ndarray) -> None:
         """Make cold groups warm (just refreshed: their centred vectors, squared norms and dot products); when the
         slots run out, the warm groups with the lowest bounds go cold (their bounds stay, stale but valid)."""
-        if groups.numel() > self.warm_size:  # only the largest can be warm
-            keep = self.bounds[groups].topk(self.warm_size).indices
+        if groups.size > self.warm_size:  # only the largest can be warm
+            keep = _largest(self.bounds[groups], self.warm_size)
             groups, x, sq_norms, dots = groups[keep], x[keep], sq_norms[keep], dots[keep]
-        free = (~self.warm_live).nonzero().squeeze(1)
-        if free.numel() < groups.numel():
-            live = self.warm_live.nonzero().squeeze(1)
-            lowest = live[self.bounds[self.warm[live]].topk(groups.numel() - free.numel(), largest=False).indices]
+        free = np.flatnonzero(~self.warm_live)
+        if free.size < groups.size:
+            live = np.flatnonzero(self.warm_live)
+            lowest = live[_largest(-self.bounds[self.warm[live]], groups.size - free.size)]
             self._cool(self.warm[lowest])
-            free = torch.cat([free, lowest])
-        slots = free[:groups.numel()]
+            free = np.concatenate([free, lowest])
+        slots = free[:groups.size]
         self.warm[slots], self.warm_x[slots], self.warm_sq[slots], self.warm_dots[slots] = groups, x, sq_norms, dots
         self.warm_live[slots], self.warm_slot[groups] = True, slots
 
-    def _cool(self, groups: torch.Tensor) -> None:
+    def _cool(self, groups: np.ndarray) -> None:
         """The groups that are warm stop being so (entering the tier, dead, or pushed out)."""
         slots = self.warm_slot[groups]
         self.warm_live[slots[slots >= 0]] = False
         self.warm_slot[groups] = -1
 
-    def _reaching(self, best: float, groups: torch.Tensor | None = None) -> torch.Tensor:
+    def _reaching(self, best: float, groups: np.ndarray | None = None) -> np.ndarray:
         """Groups outside the exact tier (of `groups`, else of all) whose bounds the tier's largest sum does not
         certainly exceed: bound (1 + SUM_MARGIN) >= best (sums and bounds are never negative)."""
         threshold = best / (1.0 + SUM_MARGIN)
         if groups is None:
-            return (self.bounds >= threshold).nonzero().squeeze(1)
+            return np.flatnonzero(self.bounds >= threshold)
         return groups[self.bounds[groups] >= threshold]
 
     def _best(self) -> float:
         """The largest exact sum in the tier (-inf when it has no live member)."""
-        return self.top_exact.max().item() if self.top.numel() else -np.inf
+        return float(self.top_exact.max()) if self.top.size else -np.inf
 
     def best_groups(self) -> list[int]:
         """Groups whose sums are within rounding of the largest (usually one)."""
@@ -355,17 +384,17 @@ class _DistanceSums:
                 self._admit(self.top[:0])
                 continue
             reaching = self._reaching(best)
-            if reaching.numel() == 0:
+            if reaching.size == 0:
                 return self.top[self.top_exact >= best - SUM_MARGIN * abs(best)].tolist()
             self._tighten(reaching)  # their bounds may just be stale
             cold = self._reaching(best, reaching[self.warm_slot[reaching] < 0])
-            if cold.numel():
+            if cold.size:
                 self._warm_up(cold, *self._refresh(cold))
             reaching = self._reaching(best, reaching)
-            if reaching.numel():
+            if reaching.size:
                 self._admit(reaching)
 
-    def _tighten(self, groups: torch.Tensor) -> None:
+    def _tighten(self, groups: np.ndarray) -> None:
         """The groups' bounds with no pass over the data: fresh for the warm ones (from their dot products), from
         the stored terms and the current counts for the cold ones."""
         slots = self.warm_slot[groups]
@@ -373,40 +402,40 @@ class _DistanceSums:
         self.terms[groups[warm]] = self.cells.terms(self.warm_dots[slots[warm]], self.warm_sq[slots[warm]])
         self._age(groups)
 
-    def _admit(self, needed: torch.Tensor) -> None:
+    def _admit(self, needed: np.ndarray) -> None:
         """Bring into the exact tier the groups `needed` (the largest `top_size` of them, all with fresh bounds),
         topped up to `min_newcomers` with the largest fresh bounds outside: one pass over the unassigned points
         costs about as much for dozens of groups as for one. Members stay, but when there are more than twice
         `top_size`, the lowest go back to bounds (their exact sums, which only shrink)."""
-        needed = needed[self.bounds[needed].topk(min(needed.numel(), self.top_size)).indices]
-        self.bounds[needed] = -torch.inf  # in the tier from here on
-        outside = int(torch.isfinite(self.bounds).sum())
-        extra = min(self.min_newcomers - needed.numel(), outside)
+        needed = needed[_largest(self.bounds[needed], self.top_size)]
+        self.bounds[needed] = -np.inf  # in the tier from here on
+        outside = np.count_nonzero(np.isfinite(self.bounds))
+        extra = min(self.min_newcomers - needed.size, outside)
         if extra > 0:  # the largest fresh bounds: the warm ones, and if too few, the largest stale ones refreshed
             pool = self.warm[self.warm_live]
-            pool = pool[torch.isfinite(self.bounds[pool])]  # not the needed ones
+            pool = pool[np.isfinite(self.bounds[pool])]  # not the needed ones
             self._tighten(pool)
-            if pool.numel() < extra:
-                pool = self.bounds.topk(min(4 * extra, outside)).indices
+            if pool.size < extra:
+                pool = _largest(self.bounds, min(4 * extra, outside))
                 cold = pool[self.warm_slot[pool] < 0]
-                if cold.numel():
+                if cold.size:
                     self._warm_up(cold, *self._refresh(cold))
-            picked = pool[self.bounds[pool].topk(extra).indices]
-            self.bounds[picked] = -torch.inf
-            needed = torch.cat([needed, picked])
+            picked = pool[_largest(self.bounds[pool], extra)]
+            self.bounds[picked] = -np.inf
+            needed = np.concatenate([needed, picked])
         self._cool(needed)
-        live = torch.isfinite(self.top_exact)
+        live = np.isfinite(self.top_exact)
         members, member_exact = self.top[live], self.top_exact[live]
-        if members.numel() > 2 * self.top_size:
-            best = member_exact.max().item()
-            kept = member_exact >= min(member_exact.topk(self.top_size).values[-1].item(),
+        if members.size > 2 * self.top_size:
+            best = member_exact.max()
+            kept = member_exact >= min(np.partition(member_exact, members.size - self.top_size)[-self.top_size],
                                        best - SUM_MARGIN * abs(best))  # never one tied with the best
             self.bounds[members[~kept]] = member_exact[~kept]
             members, member_exact = members[kept], member_exact[kept]
         if self.packed.sparse():
             self.packed.compact()
         newcomer_exact, lists = self._exact_sums_and_lists(needed)
-        self.top, self.top_exact = torch.cat([members, needed]), torch.cat([member_exact, newcomer_exact])
+        self.top, self.top_exact = np.concatenate([members, needed]), np.concatenate([member_exact, newcomer_exact])
         self.lists = {group: self.lists[group] for group in members.tolist()}
         self.lists.update(zip(needed.tolist(), lists))
         self.slots = {group: slot for slot, group in enumerate(self.top.tolist())}
@@ -420,65 +449,68 @@ class _DistanceSums:
     def scan(self, pivot: int) -> tuple[np.ndarray, np.ndarray]:
         """The other unassigned rows and their squared distances to the pivot (from the packed copy)."""
         p = self.packed
-        d2 = squared_distances(self.centred([pivot]), self.sq_norms[[pivot]], p.x64, p.sq64)[0]
-        alive = (p.alive & (p.rows != pivot)).nonzero().squeeze(1)
-        return p.rows[alive].cpu().numpy(), d2[alive].cpu().numpy()
+        d2 = squared_distances(self._on_device(self.centred([pivot])), self._on_device(self.sq_norms[[pivot]]),
+                               p.x64, p.sq64)[0].cpu().numpy()
+        alive = np.flatnonzero(p.alive & (p.rows != pivot))
+        return p.rows[alive], d2[alive]
 
     def remove(self, members: np.ndarray, member_groups: np.ndarray, dead_groups: list[int]) -> None:
         """Account for newly assigned rows; `dead_groups` have no unassigned copy left."""
-        rows = torch.as_tensor(members, device=self.device)
-        x, sq_norms = self.centred(rows), self.sq_norms[rows]
-        distances = squared_distances(self.top_x, self.top_sq_norms, x, sq_norms).sqrt_()
+        x, sq_norms = self.centred(members), self.sq_norms[members]
+        distances = np.sqrt(_host_squared_distances(self.top_x, self.top_sq_norms, x, sq_norms))
         for column, group in enumerate(member_groups.tolist()):
             if group in self.slots:  # a copy of a tier member's vector: exactly 0
                 distances[self.slots[group], column] = 0.0
         self.top_exact -= distances.sum(1)
-        self.cells.leave(x, sq_norms, rows)
-        self.warm_dots.index_add_(1, self.cells.cell[rows], self.warm_x @ x.T, alpha=-1.0)
+        self.cells.leave(x, sq_norms, members)
+        self.cells.update_dots(self.warm_dots, self.warm_x, x, members)
         if dead_groups:
-            dead = torch.tensor(dead_groups, device=self.device)
-            self.bounds[dead] = -torch.inf
+            dead = np.array(dead_groups, dtype=np.int64)
+            self.bounds[dead] = -np.inf
             self._cool(dead)
-            dead_slots = [self.slots[group] for group in dead_groups if group in self.slots]
-            self.top_exact[torch.tensor(dead_slots, dtype=torch.long, device=self.device)] = -torch.inf
-        self.packed.alive[self.packed.position[rows]] = False
+            self.top_exact[np.array([self.slots[group] for group in dead_groups if group in self.slots],
+                                    dtype=np.int64)] = -np.inf
+        self.packed.alive[self.packed.position[members]] = False
 
-    def _exact_sums_and_lists(self, groups: torch.Tensor) -> tuple[torch.Tensor, list]:
+    def _exact_sums_and_lists(self, groups: np.ndarray) -> tuple[np.ndarray, list]:
         """Float64 sums over the unassigned points and sorted lists of the nearest ones (self excluded).
 
         Reads the packed rows in place (a gather of the live ones would cost as much as the product).
         """
         p = self.packed
-        alive_count = int(p.alive.sum())
+        alive_count = np.count_nonzero(p.alive)
         length = min(self.list_length, alive_count - 1)
-        sums = torch.empty(groups.numel(), dtype=torch.float64, device=self.device)
-        list_idx = torch.empty((groups.numel(), length), dtype=torch.long, device=self.device)
-        list_d2 = torch.empty((groups.numel(), length), dtype=torch.float64, device=self.device)
-        packed_groups, dead = self.first_copy[p.rows], (~p.alive).nonzero().squeeze(1)
-        chunk = max(1, self.product_size // p.rows.numel())
-        for start in range(0, groups.numel(), chunk):
+        sums = np.empty(groups.size)
+        list_idx = np.empty((groups.size, length), dtype=np.int64)
+        list_d2 = np.empty((groups.size, length))
+        packed_groups, dead = self.first_copy[p.rows], self._on_device(np.flatnonzero(~p.alive))
+        chunk = max(1, self.product_size // p.rows.size)
+        for start in range(0, groups.size, chunk):
             chosen = groups[start:start + chunk]
+            # copies of a chosen vector (itself included) are at exactly 0
+            copies = np.flatnonzero(np.isin(packed_groups, chosen))
+            same = self._on_device(packed_groups[copies][None, :] == chosen[:, None])
+            own = p.position[chosen]  # -1 where the group's first row was assigned and packed away
+            chosen_at, own = self._on_device(np.flatnonzero(own >= 0)), self._on_device(own[own >= 0])
+            copies = self._on_device(copies)
             # The elementwise passes over the product are as long as it is wide: all threads for them too.
-            with cpu_threads(self.threads if chosen.numel() * p.x64.numel() >= PARALLEL_PRODUCT else 1):
-                d2 = squared_distances(self.centred(chosen), self.sq_norms[chosen], p.x64, p.sq64)
-                # copies of a chosen vector (itself included) are at exactly 0
-                copies = torch.isin(packed_groups, chosen).nonzero().squeeze(1)
-                same = packed_groups[copies][None, :] == chosen[:, None]
+            with cpu_threads(self.threads if chosen.size * p.x64.numel() >= PARALLEL_PRODUCT else 1):
+                d2 = squared_distances(self._on_device(self.centred(chosen)), self._on_device(self.sq_norms[chosen]),
+                                       p.x64, p.sq64)
                 d2[:, copies] = torch.where(same, 0.0, d2[:, copies])
-                own = p.position[chosen]  # -1 where the group's first row was assigned and packed away
-                chosen_at, own = (own >= 0).nonzero().squeeze(1), own[own >= 0]
                 d2[:, dead] = torch.inf  # neither dead rows nor itself in the lists
                 d2[chosen_at, own] = torch.inf
                 nearest = d2.topk(length, dim=1, largest=False)
-                list_d2[start:start + chunk], list_idx[start:start + chunk] = nearest.values, p.rows[nearest.indices]
+                list_d2[start:start + chunk] = nearest.values.cpu().numpy()
+                list_idx[start:start + chunk] = p.rows[nearest.indices.cpu().numpy()]
                 d2[:, dead] = 0.0  # dead rows count 0 in the sums, and so does itself
                 d2[chosen_at, own] = 0.0
-                sums[start:start + chunk] = d2.sqrt_().sum(1)
+                sums[start:start + chunk] = d2.sqrt_().sum(1).cpu().numpy()
         if length == alive_count - 1:
-            outside = torch.full((groups.numel(),), torch.inf, dtype=torch.float64, device=self.device)
+            outside = np.full(groups.size, np.inf)
         else:
-            outside = list_d2[:, -1] - self.error64 * (self.sq_norms[groups] + p.sq64.max())
-        return sums, list(zip(list_idx.cpu().numpy(), list_d2.cpu().numpy(), outside.tolist()))
+            outside = list_d2[:, -1] - self.error64 * (self.sq_norms[groups] + p.sq64.max().item())
+        return sums, list(zip(list_idx, list_d2, outside.tolist()))
 
 
 def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.device,
@@ -505,15 +537,15 @@ def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.
         copies.setdefault(int(first_copy[row]), [int(first_copy[row])]).append(int(row))
     group_left = np.bincount(first_copy, minlength=n)  # unassigned copies, kept at each group's first row
 
-    points = torch.as_tensor(np.ascontiguousarray(embeddings[:n]), device=device)  # for exact distances
-    host_points = embeddings[:n]
+    host_points = np.ascontiguousarray(embeddings[:n])  # for exact distances, and the rows of each step
+    points = torch.as_tensor(host_points, device=device)
     unassigned = np.ones(n, dtype=bool)
     clusters = np.empty((n // k, k), dtype=np.int64)
     threads = torch.get_num_threads()
     with one_cpu_thread():  # small ops: a second thread costs more than it gains, above all on a busy machine
-        pivot_sums = _DistanceSums(points, torch.as_tensor(first_copy, device=device), top_size,
-                                   min(max(list_length, 2 * k), n - 1), block_size, threads, cells)
-        host_sq_norms, error = pivot_sums.sq_norms.cpu().numpy(), pivot_sums.error64
+        pivot_sums = _DistanceSums(points, host_points, first_copy, top_size, min(max(list_length, 2 * k), n - 1),
+                                   block_size, threads, cells)
+        host_sq_norms, error = pivot_sums.sq_norms, pivot_sums.error64
         for step in tqdm(range(n // k), desc=f"k-Same (k={k})", leave=False, disable=None):
             # Sums this close may be equal in exact arithmetic (always so when two points are
             # left): settle them with exact sums, then by the lowest row index.

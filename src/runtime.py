@@ -7,6 +7,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from src.cli import UserError, check_seed
 
@@ -54,10 +55,11 @@ def cpu_threads(count: int) -> Iterator[None]:
 
 @contextmanager
 def one_cpu_thread() -> Iterator[None]:
-    """Run torch CPU ops on one thread inside the block (GPU work is unaffected).
+    """Run torch CPU ops and numpy's BLAS on one thread inside the block (GPU work is unaffected).
 
     For loops of many tiny ops (probe steps, k-Same steps): they gain nothing from a
     second thread, and on a busy machine waking a descheduled one costs more than the op.
+    numpy's BLAS splits even a product of 5 x 768 by 256 over every core, for twice the CPU time.
     """
-    with cpu_threads(1):
+    with cpu_threads(1), threadpool_limits(1, user_api="blas"):
         yield

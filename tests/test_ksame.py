@@ -136,9 +136,19 @@ def test_clusters_do_not_depend_on_the_cells(cells: int) -> None:
                                   reference_clusters(embeddings, 3))
 
 
-def true_sums(x: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+def true_sums(x: np.ndarray, live: np.ndarray) -> np.ndarray:
     """Each row's summed distance to the live rows, from float64 differences (no Gram form)."""
-    return torch.cdist(x, x[live], compute_mode="donot_use_mm_for_euclid_dist").sum(1)
+    rows = torch.from_numpy(x)
+    return torch.cdist(rows, rows[live], compute_mode="donot_use_mm_for_euclid_dist").sum(1).numpy()
+
+
+def cell_sums(x: np.ndarray, count: int, cell: np.ndarray | None = None) -> tuple[_CellSums, np.ndarray]:
+    """The rows' cell sums, built from tensors as k-Same builds them (cells from `_cells` unless given), and
+    their squared norms."""
+    rows = torch.from_numpy(x)
+    sq_norms = rows.square().sum(1)
+    cell_t = _cells(rows, sq_norms, count) if cell is None else torch.from_numpy(cell)
+    return _CellSums(rows, sq_norms, cell_t, count), sq_norms.numpy()
 
 
 @pytest.mark.parametrize(("dim", "scale", "offset"), [(4, 1e-3, 0.0), (4, 1.0, 1e4), (16, 1e-3, 1e4),
@@ -147,26 +157,26 @@ def test_cell_bounds_hold_at_every_scale(dim: int, scale: float, offset: float) 
     """`_CellSums` bounds every row's distance sum from above: fresh, from terms taken before points left
     (with the counts of now), and from dot products kept up to date by subtraction (the warm rows), with
     norms up to 10^7 times the spread (where n |x|^2 - 2 x.s + q cancels), copies and near copies, and
-    cells of every size; the oracle takes each distance from float64 differences."""
+    cells of every size; the oracle takes each distance from float64 differences. The dot products kept
+    up to date stay within the class's rounding bound of fresh ones (each within e_dot |x| of the truth)."""
     rng = np.random.default_rng(dim)
     x = rng.normal(size=(150, dim)) * scale + offset * rng.normal(size=dim)
     x[1::7] = x[0::7][:len(x[1::7])] + rng.normal(size=x[1::7].shape) * 1e-6 * scale  # near copies
     x[2::9] = x[0]  # copies
-    x = torch.from_numpy(x)
-    sq_norms = x.square().sum(1)
     for count in (1, 5, 40):
-        cells = _CellSums(x, sq_norms, _cells(x, sq_norms, count), count)
-        live = torch.ones(len(x), dtype=torch.bool)
+        cells, sq_norms = cell_sums(x, count)
+        live = np.ones(len(x), dtype=bool)
         dots = cells.dots(x)
         stale = cells.terms(dots, sq_norms)
-        for leaving in (torch.arange(3, 150, 4), torch.arange(0, 150, 5), torch.arange(1, 150, 3)):
+        for leaving in (np.arange(3, 150, 4), np.arange(0, 150, 5), np.arange(1, 150, 3)):
             leaving = leaving[live[leaving]]
             cells.leave(x[leaving], sq_norms[leaving], leaving)
-            dots.index_add_(1, cells.cell[leaving], x @ x[leaving].T, alpha=-1.0)
+            cells.update_dots(dots, x, x[leaving], leaving)
             live[leaving] = False
             truth = true_sums(x, live)
             for terms in (cells.terms(cells.dots(x), sq_norms), stale, cells.terms(dots, sq_norms)):
                 assert (cells.bounds(terms) >= truth).all()
+            assert (np.abs(dots - cells.dots(x)) <= 2.0 * cells.dot_error * np.sqrt(sq_norms)[:, None]).all()
 
 
 def test_cell_bounds_are_tight_where_distances_concentrate() -> None:
@@ -174,12 +184,11 @@ def test_cell_bounds_are_tight_where_distances_concentrate() -> None:
     high dimensions: on a 768-dimensional mixture, within 0.1% of every row's sum; with a single cell (a
     mixture's distances spread more) within 3%, and never less than the sum."""
     rng = np.random.default_rng(0)
-    x = torch.from_numpy(rng.normal(size=(5, 768))[rng.integers(0, 5, 600)] + rng.normal(size=(600, 768)))
+    x = rng.normal(size=(5, 768))[rng.integers(0, 5, 600)] + rng.normal(size=(600, 768))
     x -= x.mean(0)
-    sq_norms = x.square().sum(1)
-    truth = true_sums(x, torch.ones(len(x), dtype=torch.bool))
+    truth = true_sums(x, np.ones(len(x), dtype=bool))
     for count, within in ((16, 1e-3), (1, 3e-2)):
-        cells = _CellSums(x, sq_norms, _cells(x, sq_norms, count), count)
+        cells, sq_norms = cell_sums(x, count)
         excess = cells.bounds(cells.terms(cells.dots(x), sq_norms)) / truth - 1.0
         assert (excess >= 0).all() and excess.max() < within
 
@@ -193,15 +202,14 @@ def test_cell_bounds_cover_their_rounding_where_cauchy_schwarz_is_exact(dim: int
     this data errs)."""
     rng = np.random.default_rng(dim)
     distinct = offset * rng.normal(size=dim) + 1e-3 * rng.normal(size=(6, dim))
-    which = torch.from_numpy(rng.permutation(np.repeat(np.arange(6), 40)))
-    x = torch.from_numpy(distinct)[which]
-    sq_norms = x.square().sum(1)
-    cells = _CellSums(x, sq_norms, which, 6)
-    live = torch.ones(len(x), dtype=torch.bool)
+    which = rng.permutation(np.repeat(np.arange(6), 40))
+    x = distinct[which]
+    cells, sq_norms = cell_sums(x, 6, which)
+    live = np.ones(len(x), dtype=bool)
     dots = cells.dots(x)
-    for leaving in (torch.arange(0, 240, 3), torch.arange(1, 240, 3)):
+    for leaving in (np.arange(0, 240, 3), np.arange(1, 240, 3)):
         cells.leave(x[leaving], sq_norms[leaving], leaving)
-        dots.index_add_(1, cells.cell[leaving], x @ x[leaving].T, alpha=-1.0)
+        cells.update_dots(dots, x, x[leaving], leaving)
         live[leaving] = False
         truth = true_sums(x, live)
         for terms in (cells.terms(cells.dots(x), sq_norms), cells.terms(dots, sq_norms)):
