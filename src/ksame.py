@@ -212,9 +212,9 @@ class _CellSums:
 
 def _largest(values: np.ndarray, count: int) -> np.ndarray:
     """Positions of the `count` largest values, in no particular order (all when there are no more)."""
-    if count >= values.size:
-        return np.arange(values.size)
-    return np.argpartition(values, values.size - count)[values.size - count:] if count > 0 else np.arange(0)
+    if count <= 0 or count >= values.size:
+        return np.arange(min(max(count, 0), values.size))
+    return np.argpartition(values, -count)[-count:]
 
 
 def _host_squared_distances(a: np.ndarray, a_sq_norms: np.ndarray, b: np.ndarray,
