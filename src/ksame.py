@@ -327,6 +327,7 @@ class _DistanceSums:
         return self.host_points[rows].astype(np.float64) - self.mean
 
     def _on_device(self, values: np.ndarray) -> torch.Tensor:
+        """A host array as a tensor on the device of the passes (no copy on the CPU)."""
         return torch.as_tensor(values, device=self.device)
 
     def _refresh(self, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
