@@ -68,18 +68,16 @@ def gram_error_factor(dim: int, unit: float, norm_error: float) -> float:
     return 1.01 * (norms + gamma * (2.0 + norms))
 
 
-def squared_distances(a: torch.Tensor, a_sq_norms: torch.Tensor, b: torch.Tensor, b_sq_norms: torch.Tensor,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+def squared_distances(a: torch.Tensor, a_sq_norms: torch.Tensor, b: torch.Tensor,
+                      b_sq_norms: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances between the rows of a and b by the Gram form, clamped at 0
-    (the product added in place onto the summed norms: one tensor the size of the result, taken
-    from the front of `out` when given). When b has few rows, the product runs with them on the
-    left and the result comes back transposed: a product with few rows on the left reads the other
-    operand once, about twice as fast for 5-10 rows against 1,024 on one CPU thread."""
+    (the product added in place onto the summed norms: one tensor the size of the result). When b
+    has few rows, the product runs with them on the left and the result comes back transposed: a
+    product with few rows on the left reads the other operand once, about twice as fast for 5-10
+    rows against 1,024 on one CPU thread."""
     if b.shape[0] < min(a.shape[0], FEW_ROWS):
-        return squared_distances(b, b_sq_norms, a, a_sq_norms, out).T
-    total = a_sq_norms[:, None] + b_sq_norms[None, :] if out is None else \
-        torch.add(a_sq_norms[:, None], b_sq_norms[None, :], out=out[:a.shape[0] * b.shape[0]].view(a.shape[0], -1))
-    return total.addmm_(a, b.T, alpha=-2.0).clamp_(min=0.0)
+        return squared_distances(b, b_sq_norms, a, a_sq_norms).T
+    return (a_sq_norms[:, None] + b_sq_norms[None, :]).addmm_(a, b.T, alpha=-2.0).clamp_(min=0.0)
 
 
 def _check_k(k: int, num_points: int) -> None:
