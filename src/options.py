@@ -50,15 +50,18 @@ def flag_of(f: dataclasses.Field) -> str:
 
 
 def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, settings_class: type,
-                picks_release: bool | None = None, skip: Iterable[str] = ()) -> None:
-    """Add the flags of a settings class; flags whose dest is in `skip` are left out (already added)."""
+                picks_release: bool | None = None, skip: Iterable[str] = (), given_only: bool = False) -> None:
+    """Add the flags of a settings class; flags whose dest is in `skip` are left out (added elsewhere).
+    With `given_only` the parsed namespace holds only the flags given, and `from_args` takes the
+    settings class's own defaults for the rest."""
     for f in option_fields(settings_class, picks_release):
         if f.name in skip:
             continue
         meta = f.metadata
         flags = meta["flags"] or (f"--{f.name}",)
+        unset = {"default": argparse.SUPPRESS} if given_only else {}
         if meta["kind"] is bool:
-            parser.add_argument(*flags, dest=f.name, action="store_true", help=meta["help"])
+            parser.add_argument(*flags, dest=f.name, action="store_true", help=meta["help"], **unset)
             continue
         kwargs = {"type": meta["kind"] if meta["kind"] is not Path else Path, "help": meta["help"]}
         if meta["nargs"]:
@@ -69,12 +72,14 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, setti
             kwargs["required"] = True
         else:
             kwargs["default"] = list(f.default) if isinstance(f.default, tuple) else f.default
-        parser.add_argument(*flags, dest=f.name, **kwargs)
+        parser.add_argument(*flags, dest=f.name, **{**kwargs, **unset})
 
 
 def from_args(settings_class: type, args: argparse.Namespace, **given: Any) -> Any:
-    """Build settings from parsed flags (lists become tuples, so the settings stay hashable and frozen)."""
-    values = {f.name: getattr(args, f.name) for f in option_fields(settings_class) if f.name not in given}
+    """Build settings from parsed flags (lists become tuples, so the settings stay hashable and frozen); a
+    field whose flag the namespace lacks (see `add_options`'s `given_only`) keeps its default."""
+    values = {f.name: getattr(args, f.name) for f in option_fields(settings_class)
+              if f.name not in given and hasattr(args, f.name)}
     values = {name: tuple(value) if isinstance(value, list) else value for name, value in values.items()}
     return settings_class(**values, **given)
 

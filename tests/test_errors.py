@@ -98,6 +98,21 @@ def test_every_script_turns_a_bad_choice_into_one_line(tmp_path):
         assert_one_line_error(run(script, *argv, cwd=REPO), "see ", "--help")
 
 
+@pytest.mark.parametrize("script, argv, flag", [
+    ("anonymize.py", ["--anonymizer", "ksame", "--k", "5", "--dp_epsilon", "1"], "--dp_epsilon"),
+    ("anonymize.py", ["--anonymizer", "ksame", "--k", "5", "--dp_delta", "3.5"], "--dp_delta"),
+    ("probing.py", ["--anonymizer", "identity", "--dp_epsilon", "1"], "--dp_epsilon"),
+    ("probing_noise.py", ["--anonymizer", "ksame", "--k", "2", "--variance", "1.0", "--sigma", "1"], "--variance"),
+])
+def test_a_flag_of_another_anonymizer_is_refused_and_nothing_is_written(tmp_path, script, argv, flag):
+    """Asking for DP (or any setting) of an anonymizer that has none must not silently write a non-DP release."""
+    folder = write_databases(tmp_path)
+    before = snapshot(tmp_path)
+    result = run(script, *probe_args(tmp_path)[:6], "--ckpt_root", str(tmp_path / "ckpts"), *argv)
+    assert_one_line_error(result, flag, "does not apply to --anonymizer", "cvae")
+    assert snapshot(tmp_path) == before and folder.is_dir()
+
+
 # ------------------------------------------------------------------ DataLoader workers
 
 class FailingImages(Dataset):

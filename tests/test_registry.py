@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -13,10 +14,12 @@ import numpy as np
 import pytest
 import yaml
 
-from src.anonymizers import ANONYMIZERS, anonymizer_of_flag
+from src.anonymizers import ANONYMIZERS, anonymizer_of_flag, shared_flags
+from src.cli import UserError
 from src.io import code_version, database_dir, save_database
 from src.naming import parse_result_name
-from src.options import option_fields, settings_record
+from src.anonymizers.base import Anonymizer
+from src.options import option, option_fields, settings_record
 from src.settings import CreateDbSettings
 from src.sweep.grid import stage_script
 
@@ -24,16 +27,65 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("create_db.py", "anonymize.py", "probing.py", "probing_noise.py", "probing_noise_cvae.py")
 
 
+def example_values(f: dataclasses.Field) -> list:
+    """Two values of a setting other than its default, within the bounds the field declares."""
+    if f.metadata["kind"] is bool:
+        return [not f.default]
+    bounds = f.metadata["bounds"]
+    low = bounds["minimum"] if bounds["minimum"] is not None else (bounds["above"] or 0) + 0.5
+    candidates = [low, low + 1, low + 2.5, low * 3 + 1]
+    if f.metadata["kind"] is int:
+        candidates = [int(math.ceil(value)) for value in candidates]
+    inside = [value for value in candidates if value != f.default
+              and (bounds["maximum"] is None or value <= bounds["maximum"])]
+    return list(dict.fromkeys(inside))[:2]
+
+
 def example_releases(anonymizer) -> list:
-    """Release settings that vary every field away from its default (and the defaults themselves)."""
-    examples = {"k": [2, 10], "variance": [1.0, 0.5], "reference_objective": [False, True], "dp_epsilon": [None, 1.5]}
+    """Release settings from the anonymizer's own declaration: its defaults (a setting the class requires at
+    its first example), then each setting moved to each of its examples in turn, where the class accepts it."""
     fields = option_fields(anonymizer.Release)
-    releases = [anonymizer.Release(**{f.name: examples[f.name][0] for f in fields})]
+    base = {f.name: f.default for f in fields}
+    try:
+        anonymizer.Release(**base)
+    except UserError:  # a setting without a usable default (k-Same's k)
+        base = {f.name: f.default if f.default is not None else example_values(f)[0] for f in fields}
+    releases = [anonymizer.Release(**base)]
     for f in fields:
-        values = {g.name: examples[g.name][0] for g in fields}
-        values[f.name] = examples[f.name][1]
-        releases.append(anonymizer.Release(**values))
+        for value in example_values(f):
+            if value == base[f.name]:
+                continue
+            try:
+                releases.append(anonymizer.Release(**{**base, f.name: value}))
+            except UserError:  # a combination the settings refuse (e.g. DP with the reference objective)
+                continue
     return releases
+
+
+def test_example_releases_cover_every_setting():
+    for anonymizer in ANONYMIZERS.values():
+        releases = example_releases(anonymizer)
+        for f in option_fields(anonymizer.Release):
+            assert len({getattr(release, f.name) for release in releases}) >= 2, (anonymizer.name, f.name)
+
+
+def test_shared_flags_are_declared_alike(monkeypatch):
+    """A flag two anonymizers share is one flag on the command line: the registry refuses a clash."""
+    for making in (False, True):
+        shared_flags(making)  # the registry as it is: no clash
+
+    @dataclasses.dataclass(frozen=True)
+    class ClashingRelease:
+        k: float = option(0.5, "a float where k-Same's k is an int", above=0)
+
+    class Clashing(Anonymizer):
+        name = "clashing"
+        Release = ClashingRelease
+        name_format = "clashing-{k}"
+
+    monkeypatch.setitem(ANONYMIZERS, "clashing", Clashing())
+    with pytest.raises(TypeError, match="'k' of --anonymizer clashing clashes with --anonymizer ksame"):
+        shared_flags(False)
 
 
 @pytest.mark.parametrize("name", list(ANONYMIZERS))
@@ -92,7 +144,8 @@ def test_code_version_names_the_commit_or_the_sources():
     assert version.startswith(("git:", "src:")) and len(version) > 8
 
 
-TOY_MODULE = '''"""A toy anonymizer for the registry test: Gaussian noise of scale s added to each vector."""
+TOY_MODULE = '''"""A toy anonymizer for the registry test: Gaussian noise of std k added to each vector (its flag
+--k is k-Same's too: each keeps its own default)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -106,7 +159,7 @@ from src.options import check_options, option
 
 @dataclass(frozen=True)
 class NoiseRelease:
-    scale: float = option(1.0, "std of the added noise", picks_release=True, above=0)
+    k: int = option(1, "std of the added noise", minimum=1)
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -116,16 +169,10 @@ class GaussianNoise(Anonymizer):
     name = "noise"
     Release = NoiseRelease
     seeded = True
-    flag_pattern = r"noise-(?P<scale>\\d+(?:\\.\\d*)?(?:e[+-]?\\d+)?)"
-
-    def flag(self, release: NoiseRelease) -> str:
-        return f"noise-{release.scale:g}"
-
-    def release_from_flag(self, groups: dict[str, str]) -> NoiseRelease:
-        return NoiseRelease(scale=float(groups["scale"]))
+    name_format = "noise-{k}"
 
     def make(self, inputs: ReleaseInputs, release: NoiseRelease, making: Any, seed: int, device: Any) -> Release:
-        noise = np.random.default_rng(seed).normal(scale=release.scale, size=inputs.train_x.shape)
+        noise = np.random.default_rng(seed).normal(scale=release.k, size=inputs.train_x.shape)
         return Release((inputs.train_x + noise).astype(np.float32), inputs.train_y)
 '''
 
@@ -169,29 +216,30 @@ def test_a_new_anonymizer_is_one_module_and_one_registry_line(tmp_path):
 
     common = ["--dataset", "digits", "--backbone", backbone, "--database_root", str(database_root),
               "--ckpt_root", str(tmp_path / "ckpts"), "--device", "cpu", "--seed", "3"]
-    run("anonymize.py", *common, "--anonymizer", "noise", "--scale", "0.5")
-    released = database_dir(database_root, "digits", backbone) / "train_noise-0.5-s3.npz"
-    assert released.is_file()
+    run("anonymize.py", *common, "--anonymizer", "noise")  # its own default k = 1, not k-Same's (none)
+    run("anonymize.py", *common, "--anonymizer", "noise", "--k", "2")
+    folder = database_dir(database_root, "digits", backbone)
+    assert (folder / "train_noise-1-s3.npz").is_file() and (folder / "train_noise-2-s3.npz").is_file()
     out = ["--output_root", str(tmp_path / "logs"), "-e", "5"]
-    run("probing.py", *common, *out, "--anonymizer", "noise", "--scale", "0.5")
-    run("probing_noise.py", *common, *out, "--anonymizer", "noise", "--scale", "0.5", "--sigma", "1",
+    run("probing.py", *common, *out, "--anonymizer", "noise", "--k", "2")
+    run("probing_noise.py", *common, *out, "--anonymizer", "noise", "--k", "2", "--sigma", "1",
         "--noise_units", "released", "real")
     written = sorted(path.name for path in (tmp_path / "logs" / "digits").iterdir())
-    assert written == ["digits_noise-0.5-s3.json", "digits_noise-0.5-s3_sigma-1-real.json",
-                       "digits_noise-0.5-s3_sigma-1.json"]
-    record = json.loads((tmp_path / "logs/digits/digits_noise-0.5-s3.json").read_text())
-    assert record["settings"]["scale"] == 0.5 and record["average_mindistance"] > 0
+    assert written == ["digits_noise-2-s3.json", "digits_noise-2-s3_sigma-1-real.json",
+                       "digits_noise-2-s3_sigma-1.json"]
+    record = json.loads((tmp_path / "logs/digits/digits_noise-2-s3.json").read_text())
+    assert record["settings"]["k"] == 2 and record["average_mindistance"] > 0
 
     config = {"name": "toy", "datasets": ["digits"], "backbone": backbone, "seeds": [0, 1], "sigmas": [0, 2],
-              "anonymizers": {"identity": {}, "noise": {"scale": [0.5, 2.0]}}, "device": "cpu",
+              "anonymizers": {"identity": {}, "ksame": {"k": [3]}, "noise": {"k": [1, 2]}}, "device": "cpu",
               "probe": {"epochs": 5},
               "paths": {"dataset_root": str(tmp_path / "data"), "database_root": str(database_root),
                         "ckpt_root": str(tmp_path / "ckpts"), "output_root": str(tmp_path / "sweeps")}}
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(config))
     done = run("-m", "src.sweep", str(tmp_path / "toy.yaml"), "--jobs", "2")
-    assert "| noise-0.5 |" in done.stdout and "| noise-2 |" in done.stdout
+    assert "| noise-1 |" in done.stdout and "| noise-2 |" in done.stdout and "| ksame-3 |" in done.stdout
     table = (tmp_path / "sweeps/sweeps/toy/tables/auc_sigma-2-real.md").read_text().splitlines()
-    assert table[0] == "| dataset | identity | noise-0.5 | noise-2 |"
+    assert table[0] == "| dataset | identity | ksame-3 | noise-1 | noise-2 |"
 
 
 def test_settings_classes_are_frozen_and_checked():

@@ -47,9 +47,20 @@ class Release:
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+ONLINE_SUFFIX = "-online"  # after the name in the flag of an online mode: cvae-online-v1
+_SEGMENT = re.compile(r"\[(?P<before>[^\[\]{}]*)\{(?P<optional>\w+)\}(?P<after>[^\[\]{}]*)\]|\{(?P<required>\w+)\}")
+
+
+def _value_text(value: Any) -> str:
+    """A setting's value inside a flag: numbers as f"{value:g}" writes them (NUMBER reads them back), a
+    switch as nothing (its segment's presence says it is on)."""
+    return "" if isinstance(value, bool) else f"{value:g}"
+
+
 class Anonymizer:
-    """Base of every anonymizer. A subclass sets `name`, its settings classes, `flag_pattern`,
-    and overrides `flag`, `release_from_flag` and `make`."""
+    """Base of every anonymizer. A subclass sets `name`, its settings classes and `name_format`, and
+    overrides `make`; its result flag, the flag's pattern, how a flag reads back and its table column
+    are all derived from `name_format`."""
 
     name: ClassVar[str]
     Release: ClassVar[type] = NoSettings
@@ -58,20 +69,83 @@ class Anonymizer:
     seeded: ClassVar[bool] = False  # whether a release depends on --seed (and so its name carries it)
     makes_releases: ClassVar[bool] = True  # False for the real set itself
     needs_val: ClassVar[bool] = False  # whether making a release reads the val split
-    flag_pattern: ClassVar[str]  # regex of `flag(...)`; its named groups are read by `release_from_flag`
+    # The release's name: the anonymizer's name, then literal text, `{field}` for a Release setting always
+    # named, `[text{field}text]` for one named only when it is not its default (a switch: when it is on;
+    # None: never). "ksame-{k}" gives ksame-5; "cvae[-v{variance}][-ref{reference_objective}]" gives cvae,
+    # cvae-v0.5, cvae-ref. No '_' (it separates a result file name's parts).
+    name_format: ClassVar[str]
 
-    def flag(self, release: Any) -> str:
-        """The release's name in result files: `<dataset>_<flag>-s<seed>.json`. No '_' allowed."""
-        return self.name
+    def _segments(self) -> list[tuple[str, str | None, str, bool]]:
+        """`name_format` as (text before, field or None, text after, optional) pieces, the name first."""
+        if not self.name_format.startswith(self.name) or "_" in _SEGMENT.sub("", self.name_format):
+            raise TypeError(f"name_format {self.name_format!r} must start with {self.name!r}, its text hold no '_'")
+        pieces, position = [(self.name, None, "", False)], len(self.name)
+        for match in _SEGMENT.finditer(self.name_format, position):
+            pieces.append((self.name_format[position:match.start()], None, "", False))
+            if match["required"]:
+                pieces.append(("", match["required"], "", False))
+            else:
+                pieces.append((match["before"], match["optional"], match["after"], True))
+            position = match.end()
+        pieces.append((self.name_format[position:], None, "", False))
+        return [piece for piece in pieces if piece != ("", None, "", False)]
 
-    def release_from_flag(self, groups: dict[str, str]) -> Any:
-        """The Release settings that `flag` turned into the matched text."""
-        return self.Release()
+    def flag(self, release: Any, online: bool = False) -> str:
+        """The release's name in result files: `<dataset>_<flag>-s<seed>.json`. An online flag names
+        every numeric setting, its defaults too (cvae-online-v1); its table column does not."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self.Release)}
+        text = []
+        for index, (before, field, after, optional) in enumerate(self._segments()):
+            if field is None:
+                text.append(before + (ONLINE_SUFFIX if online and index == 0 else ""))
+                continue
+            value = getattr(release, field)
+            if optional and (value is None or value is False or (value == defaults[field] and not online)):
+                continue
+            text.append(before + _value_text(value) + after)
+        return "".join(text)
+
+    def flag_pattern(self) -> str:
+        """The regex of every flag `flag` writes; its groups are the Release fields and `online`."""
+        pattern = []
+        for index, (before, field, after, optional) in enumerate(self._segments()):
+            if field is None:
+                pattern.append(re.escape(before) + (f"(?P<online>{ONLINE_SUFFIX})?" if index == 0 else ""))
+                continue
+            kind = self._kind(field)
+            group = f"(?P<{field}>{'' if kind is bool else r'[0-9]+' if kind is int else NUMBER})"
+            piece = re.escape(before) + group + re.escape(after)
+            pattern.append(f"(?:{piece})?" if optional else piece)
+        return "".join(pattern)
+
+    def _kind(self, field: str) -> type:
+        return next(f.metadata.get("kind", type(f.default)) for f in dataclasses.fields(self.Release)
+                    if f.name == field)
 
     def parse_flag(self, flag: str) -> Any | None:
         """The Release settings a result flag names, or None if the flag is not this anonymizer's."""
-        match = re.fullmatch(self.flag_pattern, flag)
-        return None if match is None else self.release_from_flag(match.groupdict())
+        match = re.fullmatch(self.flag_pattern(), flag)
+        if match is None or (match["online"] and self.Online is None):
+            return None
+        values = {}
+        for field, text in match.groupdict().items():
+            if field == "online" or text is None:
+                continue  # an optional setting not named: its default
+            kind = self._kind(field)
+            values[field] = True if kind is bool else kind(text)
+        return self.Release(**values)
+
+    def is_online(self, flag: str) -> bool:
+        match = re.fullmatch(self.flag_pattern(), flag)
+        return match is not None and match["online"] is not None
+
+    def column_label(self, flag: str) -> str:
+        """The table column of a result flag: as the flag, with an online flag's defaults left out."""
+        release = self.parse_flag(flag)
+        if not self.is_online(flag):
+            return flag
+        offline = self.flag(release)
+        return offline[:len(self.name)] + ONLINE_SUFFIX + offline[len(self.name):]
 
     def release_name(self, release: Any, seed: int) -> str:
         """The released set's file name beside the databases: train_<flag>[-s<seed>].npz."""
@@ -80,11 +154,9 @@ class Anonymizer:
     def make(self, inputs: ReleaseInputs, release: Any, making: Any, seed: int, device: Any) -> Release:
         raise NotImplementedError
 
-    def column_label(self, flag: str) -> str:
-        """The table column of a result flag."""
-        return flag
-
     def column_order(self, flag: str) -> tuple:
-        """Sort key among this anonymizer's columns in tables (registry order comes first)."""
-        return tuple(value if isinstance(value, (int, float)) else 0
-                     for value in dataclasses.astuple(self.parse_flag(flag)))
+        """Sort key among this anonymizer's columns in tables (registry order comes first): offline first,
+        then by each setting, an unset (None) one before any value."""
+        release = self.parse_flag(flag)
+        return (self.is_online(flag), *((value is not None, value if isinstance(value, (int, float)) else 0)
+                                        for value in dataclasses.astuple(release)))

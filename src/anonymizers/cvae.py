@@ -4,11 +4,10 @@ the probe gets fresh samples every epoch (probing_noise_cvae.py), and, with --dp
 a differentially private CVAE (src.dp_cvae) whose release carries its spent budget."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from src.anonymizers.base import NUMBER, Anonymizer, Release, ReleaseInputs
+from src.anonymizers.base import Anonymizer, Release, ReleaseInputs
 from src.cli import UserError
 from src.defaults import (DEFAULT_COUNT_SHARE, DEFAULT_DP_BOUNDS, DEFAULT_DP_EPOCHS, DEFAULT_MAX_GRAD_NORM,
                           ONLINE_FACTOR, SAMPLING_VARIANCE)
@@ -63,34 +62,7 @@ class CVAEAnonymizer(Anonymizer):
     Online = CVAEOnline
     seeded = True
     needs_val = True
-    flag_pattern = rf"cvae(?P<online>-online)?(?:-v(?P<variance>{NUMBER}))?(?P<ref>-ref)?(?:-dp(?P<dp>{NUMBER}))?"
-
-    def flag(self, release: CVAERelease, online: bool = False) -> str:
-        """cvae[-v<variance>][-ref][-dp<epsilon>]; online: cvae-online-v<variance>... (the variance always named)."""
-        variance = f"-v{release.variance:g}" if online or release.variance != SAMPLING_VARIANCE else ""
-        dp = f"-dp{release.dp_epsilon:g}" if release.dp_epsilon is not None else ""
-        return f"cvae{'-online' if online else ''}{variance}{'-ref' if release.reference_objective else ''}{dp}"
-
-    def release_from_flag(self, groups: dict[str, str]) -> CVAERelease:
-        variance = float(groups["variance"]) if groups["variance"] is not None else SAMPLING_VARIANCE
-        dp_epsilon = float(groups["dp"]) if groups["dp"] is not None else None
-        return CVAERelease(variance=variance, reference_objective=groups["ref"] is not None, dp_epsilon=dp_epsilon)
-
-    def column_label(self, flag: str) -> str:
-        """The online CVAE at the paper's variance 1 is the column `cvae-online`."""
-        release = self.parse_flag(flag)
-        if self.is_online(flag) and release.variance == SAMPLING_VARIANCE:
-            return flag.replace(f"-v{SAMPLING_VARIANCE:g}", "", 1)
-        return flag
-
-    def column_order(self, flag: str) -> tuple:
-        release = self.parse_flag(flag)
-        return (self.is_online(flag), release.reference_objective, release.dp_epsilon is not None,
-                release.dp_epsilon or 0, release.variance)
-
-    def is_online(self, flag: str) -> bool:
-        match = re.fullmatch(self.flag_pattern, flag)
-        return match is not None and match["online"] is not None
+    name_format = "cvae[-v{variance}][-ref{reference_objective}][-dp{dp_epsilon}]"
 
     def make(self, inputs: ReleaseInputs, release: CVAERelease, making: CVAEMaking, seed: int,
              device: Any) -> Release:

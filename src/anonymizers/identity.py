@@ -8,7 +8,7 @@ from src.anonymizers.base import Anonymizer
 
 class Identity(Anonymizer):
     name = "identity"
-    flag_pattern = "identity"
+    name_format = "identity"
     makes_releases = False
 
     def release_name(self, release: Any, seed: int) -> str:

@@ -23,13 +23,7 @@ class KSameRelease:
 class KSame(Anonymizer):
     name = "ksame"
     Release = KSameRelease
-    flag_pattern = r"ksame-(?P<k>\d+)"
-
-    def flag(self, release: KSameRelease) -> str:
-        return f"ksame-{release.k}"
-
-    def release_from_flag(self, groups: dict[str, str]) -> KSameRelease:
-        return KSameRelease(k=int(groups["k"]))
+    name_format = "ksame-{k}"
 
     def make(self, inputs: ReleaseInputs, release: KSameRelease, making: Any, seed: int, device: Any) -> Release:
         from src.ksame import ksame  # torch: imported when a release is made, not when flags are read

@@ -17,13 +17,13 @@ from typing import Any
 import yaml
 
 from src.anonymizers import ANONYMIZERS, Anonymizer
+from src.anonymizers.base import ONLINE_SUFFIX
 from src.cli import UserError, brief_reason
 from src.defaults import DEFAULT_ROOTS
 from src.options import bounds_text, option_fields
 from src.settings import NOISE_UNITS, CreateDbSettings, ProbeSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ONLINE_SUFFIX = "-online"
 TOP_KEYS = {"name", "datasets", "backbone", "weights", "img_size", "seeds", "sigmas", "noise_units", "anonymizers",
             "probe", "create_db", "device", "download", "paths", "slurm"}
 PROBE_KEYS = ("lr", "epochs", "batch_size")  # ProbeSettings fields a config may set

@@ -17,7 +17,8 @@ from src.cli import UserError
 from src.io import dataset_dirname
 from src.options import command_flags, flag_value, option_fields, result_keys, settings_record
 from src.settings import CreateDbSettings, ProbeSettings
-from src.sweep.config import ONLINE_SUFFIX, REPO_ROOT, AnonymizerGrid, SweepConfig, grid_settings, settings_objects
+from src.anonymizers.base import ONLINE_SUFFIX
+from src.sweep.config import REPO_ROOT, AnonymizerGrid, SweepConfig, grid_settings, settings_objects
 
 STAGES = ("create_db", "anonymize", "probe", "noise")
 _SCRIPTS: dict[str, ModuleType] = {}
