@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from src.cli import ArgumentParser, run_cli
-from src.io import database_paths
+from src.naming import database_paths
 from src.options import add_options, from_args
 from src.settings import CreateDbSettings
 

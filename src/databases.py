@@ -7,7 +7,8 @@ from src.backbones import check_backbone_name, create_backbone
 from src.cli import UserError
 from src.data import DatasetOptions, load_split
 from src.extract import extract_embeddings
-from src.io import check_output_folder, database_paths, file_fingerprint, load_database, provenance, save_database
+from src.io import check_output_folder, file_fingerprint, load_database, provenance, save_database
+from src.naming import database_paths
 from src.options import result_keys, settings_record
 from src.runtime import resolve_device, seed_everything
 from src.settings import CreateDbSettings

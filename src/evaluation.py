@@ -22,14 +22,13 @@ import torch
 from src.anonymizers import get_anonymizer
 from src.anonymizers.base import ReleaseInputs
 from src.cli import UserError
-from src.io import (array_fingerprint, check_output_folder, database_dir, database_paths, file_fingerprint,
-                    load_database, provenance, write_json)
+from src.io import array_fingerprint, check_output_folder, file_fingerprint, load_database, provenance, write_json
 from src.metrics import accuracy, auroc, balanced_accuracy, check_sizes, nearest_neighbours, privacy_metrics
-from src.naming import release_hint, release_path, result_paths
+from src.naming import create_db_command, database_dir, database_paths, release_hint, release_path, result_paths
 from src.options import settings_record
 from src.probe import ProbeConfig, TrainSource, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
 from src.runtime import resolve_device, seed_everything
-from src.settings import ProbeSettings
+from src.settings import ProbeSettings, StageSettings
 
 @dataclass
 class ProbeData:
@@ -48,11 +47,10 @@ class ProbeData:
     released_meta: dict  # what the release's maker recorded (e.g. a DP release's accounting)
 
 
-def load_probe_data(database_root: Path, dataset: str, backbone: str,
-                    released_path: Path | None = None, released_hint: str = "") -> ProbeData:
+def load_probe_data(settings: StageSettings, released_path: Path | None = None, released_hint: str = "") -> ProbeData:
     """Load and cross-check the databases; `released_path` None means the real train set is released."""
-    paths = database_paths(database_root, dataset, backbone)
-    make_db = f"python create_db.py --dataset {dataset} --backbone {backbone}"
+    paths = database_paths(settings.database_root, settings.dataset, settings.backbone)
+    make_db = create_db_command(settings)
     splits = {split: load_database(path, make_db)[:2] for split, path in paths.items()}
     released_meta: dict = {}
     if released_path is None or Path(released_path) == paths["train"]:
@@ -170,8 +168,7 @@ def noise_scale(unit_std: np.ndarray, probe_std: np.ndarray, device: torch.devic
 def load_released(settings: ProbeSettings) -> ProbeData:
     """The real databases and the release the settings name."""
     anonymizer = get_anonymizer(settings.anonymizer)
-    return load_probe_data(settings.database_root, settings.dataset, settings.backbone,
-                           release_path(settings, anonymizer, settings.release),
+    return load_probe_data(settings, release_path(settings, anonymizer, settings.release),
                            release_hint(settings, anonymizer, settings.release))
 
 
@@ -260,7 +257,7 @@ def probe_online(settings: ProbeSettings) -> dict[Path, dict]:
     check_probe_outputs(settings)
     device = resolve_device(settings.device)
     seed_everything(settings.seed)
-    data = load_probe_data(settings.database_root, settings.dataset, settings.backbone)
+    data = load_probe_data(settings)
     return run_probing(settings, data, online_training_set(settings, data, device), device)
 
 

@@ -41,7 +41,7 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the stage scripts, src/ and the relative default folders
 STAGE_SCRIPTS = ("create_db.py", "anonymize.py", "probing.py", "probing_noise.py", "probing_noise_cvae.py")
 
 
@@ -260,22 +260,3 @@ def write_json(path: Path, payload: dict) -> None:
     """Write a result file atomically, pretty-printed so it reads as a simple file."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-
-def dataset_dirname(dataset: str) -> str:
-    """A dataset name as one folder or file name part (imagefolder:<path> holds ':' and '/')."""
-    return dataset.replace(":", "_").replace("/", "_")
-
-
-def database_dir(database_root: Path, dataset: str, backbone: str) -> Path:
-    """Folder of one dataset's embeddings for one backbone: <root>/<dataset>/<backbone>/."""
-    return Path(database_root) / dataset_dirname(dataset) / backbone
-
-
-SPLITS = ("train", "val", "test")  # the databases of one dataset and backbone, as create_db.py writes them
-
-
-def database_paths(database_root: Path, dataset: str, backbone: str) -> dict[str, Path]:
-    """The real train / val / test databases: <root>/<dataset>/<backbone>/<split>.npz."""
-    folder = database_dir(database_root, dataset, backbone)
-    return {split: folder / f"{split}.npz" for split in SPLITS}

@@ -1,6 +1,7 @@
-"""Where every output lives and what it is called, stated once: releases, result files, and
-how a result file's name is read back (src.aggregate). No model library is imported here.
+"""Where every output lives and what it is called, stated once: databases, releases, result files,
+and how a result file's name is read back (src.aggregate). No model library is imported here.
 
+- databases: <database_root>/<dataset>/<backbone>/{train,val,test}.npz (create_db.py)
 - release: <database_root>/<dataset>/<backbone>/train_<flag>[-s<seed>].npz
 - result:  <output_root>/<dataset>/<dataset>_<flag>-s<seed>[_sigma-<sigma>[-<units>]].json, the noise
   units named only where they differ from the reference's for that script (its offline
@@ -15,9 +16,27 @@ from typing import Any
 from src.anonymizers import Anonymizer, anonymizer_of_flag, get_anonymizer
 from src.anonymizers.base import NUMBER
 from src.defaults import DEFAULT_ROOTS
-from src.io import database_dir, dataset_dirname
 from src.options import command_flags, option_fields
 from src.settings import ProbeSettings, StageSettings
+
+def dataset_dirname(dataset: str) -> str:
+    """A dataset name as one folder or file name part (imagefolder:<path> holds ':' and '/')."""
+    return dataset.replace(":", "_").replace("/", "_")
+
+
+def database_dir(database_root: Path, dataset: str, backbone: str) -> Path:
+    """Folder of one dataset's embeddings for one backbone: <root>/<dataset>/<backbone>/."""
+    return Path(database_root) / dataset_dirname(dataset) / backbone
+
+
+SPLITS = ("train", "val", "test")  # the databases of one dataset and backbone, as create_db.py writes them
+
+
+def database_paths(database_root: Path, dataset: str, backbone: str) -> dict[str, Path]:
+    """The real train / val / test databases: <root>/<dataset>/<backbone>/<split>.npz."""
+    folder = database_dir(database_root, dataset, backbone)
+    return {split: folder / f"{split}.npz" for split in SPLITS}
+
 
 RESULT_NAME = re.compile(rf"^(?P<dataset>.+)_(?P<flag>[^_]+?)-s(?P<seed>\d+)"
                          rf"(?:_sigma-(?P<sigma>{NUMBER})(?:-(?P<units>real|released))?)?\.json$")

@@ -11,37 +11,42 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import numbers
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from src.cli import UserError, check_finite, number_text
+from src.cli import UserError, check_finite
 
 def option(default: Any, help: str, *, flags: tuple[str, ...] = (), kind: type | None = None, nargs: str | None = None,
            choices: Iterable[str] | None = None, required: bool = False, changes_results: bool = True,
-           picks_release: bool = False, minimum: float | None = None, above: float | None = None,
-           maximum: float | None = None) -> Any:
+           minimum: float | None = None, above: float | None = None, maximum: float | None = None,
+           pattern: tuple[str, str] | None = None) -> Any:
     """A settings field that is also a flag.
 
     `changes_results` False marks where/how settings (device, folders, workers): a sweep
-    output made with other such values is still current. `picks_release` marks an
-    anonymizer setting that names its release file, so the probing scripts take it too.
-    Numbers must be finite and within `minimum`, `maximum` (inclusive) and `above` (exclusive);
-    `check_options` checks them, and the sweep checks config values against the same bounds.
+    output made with other such values is still current. Numbers must be finite and within
+    `minimum`, `maximum` (inclusive) and `above` (exclusive); a text must be one of `choices` or
+    match `pattern` (a regex and what to write instead). `check_value` checks them all, for
+    flags, library calls and sweep configs alike.
     """
     kind = kind or (type(default) if default is not None and not isinstance(default, (list, tuple)) else str)
     metadata = {"help": help, "flags": flags, "kind": kind, "nargs": nargs, "required": required,
                 "choices": tuple(choices) if choices is not None else None, "changes_results": changes_results,
-                "picks_release": picks_release,
-                "bounds": {"minimum": minimum, "above": above, "maximum": maximum}}
+                "bounds": {"minimum": minimum, "above": above, "maximum": maximum},
+                "pattern": pattern[0] if pattern else None, "pattern_hint": pattern[1] if pattern else None}
     if isinstance(default, list):
         default = tuple(default)
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def option_fields(settings_class: type, picks_release: bool | None = None) -> list[dataclasses.Field]:
-    """The fields of a settings class that are flags (optionally only those that pick a release)."""
-    return [f for f in dataclasses.fields(settings_class) if "help" in f.metadata
-            and (picks_release is None or f.metadata["picks_release"] == picks_release)]
+def option_fields(settings_class: type) -> list[dataclasses.Field]:
+    """The fields of a settings class that are flags."""
+    return [f for f in dataclasses.fields(settings_class) if "help" in f.metadata]
+
+
+def option_field(settings_class: type, name: str) -> dataclasses.Field:
+    """One flag field of a settings class, by name."""
+    return next(f for f in option_fields(settings_class) if f.name == name)
 
 
 def flag_of(f: dataclasses.Field) -> str:
@@ -50,11 +55,11 @@ def flag_of(f: dataclasses.Field) -> str:
 
 
 def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, settings_class: type,
-                picks_release: bool | None = None, skip: Iterable[str] = (), given_only: bool = False) -> None:
+                skip: Iterable[str] = (), given_only: bool = False) -> None:
     """Add the flags of a settings class; flags whose dest is in `skip` are left out (added elsewhere).
     With `given_only` the parsed namespace holds only the flags given, and `from_args` takes the
     settings class's own defaults for the rest."""
-    for f in option_fields(settings_class, picks_release):
+    for f in option_fields(settings_class):
         if f.name in skip:
             continue
         meta = f.metadata
@@ -145,24 +150,36 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------- checks, one per kind of number
+# ---------------------------------------------------------------- the one check of a setting's value
+
+def check_value(label: str, f: dataclasses.Field, value: Any) -> Any:
+    """One value of a settings field, checked against the field's declaration wherever it comes from (a flag,
+    a library call or a sweep config, `label` naming it): a switch true or false; a number finite, whole for
+    an int, and within the declared bounds; a text one of the choices, or matching the pattern. None passes
+    where it is the default (an option's meaning when unset)."""
+    meta = f.metadata
+    if value is None and f.default is None:
+        return value
+    if meta["kind"] is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{label} {value!r}: give true or false")
+    elif meta["kind"] in (int, float):
+        if meta["kind"] is int and isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
+            raise UserError(f"{label} {value}: give a whole number")
+        check_finite(label, value, **meta["bounds"])
+    elif not isinstance(value, (str, Path)) or not str(value).strip():
+        raise UserError(f"{label} {value!r}: give a non-empty text")
+    elif meta["choices"] and value not in meta["choices"]:
+        raise UserError(f"{label} {value!r}: choose one of {', '.join(meta['choices'])}")
+    elif meta["pattern"] and not re.fullmatch(meta["pattern"], str(value)):
+        raise UserError(f"{label} {value!r}: {meta['pattern_hint']}")
+    return value
+
 
 def check_options(settings: Any) -> None:
-    """Every numeric option of `settings` finite, whole where it is an int, and within its declared bounds."""
+    """Every option of `settings` checked by `check_value`, named by its flag."""
     for f in option_fields(type(settings)):
-        if f.metadata["kind"] in (int, float):
-            flag = "/".join(f.metadata["flags"]) or f"--{f.name}"
-            values = getattr(settings, f.name)
-            for value in values if isinstance(values, tuple) else (values,):
-                if value is None:
-                    continue  # not given: the option's meaning when unset
-                if f.metadata["kind"] is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-                    raise UserError(f"{flag} {value}: give a whole number")
-                check_finite(flag, value, **f.metadata["bounds"])
-
-
-def bounds_text(bounds: dict[str, float | None]) -> str:
-    """'>= 2', '> 0 and <= 1': a field's bounds as the sweep's config errors state them."""
-    signs = (("minimum", ">="), ("above", ">"), ("maximum", "<="))
-    parts = [f"{sign} {number_text(bounds[key])}" for key, sign in signs if bounds[key] is not None]
-    return " and ".join(parts)
+        flag = "/".join(f.metadata["flags"]) or f"--{f.name}"
+        values = getattr(settings, f.name)
+        for value in values if isinstance(values, tuple) else (values,):
+            check_value(flag, f, value)

@@ -10,9 +10,8 @@ import numpy as np
 from src.anonymizers import Anonymizer, get_anonymizer
 from src.anonymizers.base import ReleaseInputs
 from src.cli import UserError
-from src.io import (check_output_folder, database_dir, database_paths, file_fingerprint, load_database,
-                    provenance, save_database)
-from src.naming import create_db_command, release_path
+from src.io import check_output_folder, file_fingerprint, load_database, provenance, save_database
+from src.naming import create_db_command, database_dir, database_paths, release_path
 from src.options import settings_record
 from src.runtime import resolve_device, seed_everything
 from src.settings import AnonymizeSettings, StageSettings

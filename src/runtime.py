@@ -23,7 +23,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise UserError(f"--device {name!r} is not a device name; use auto, cpu or cuda") from err
+        raise UserError(f"--device {name!r} is not a device name; use auto, cpu, mps, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available here; use --device auto or cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

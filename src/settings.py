@@ -18,6 +18,8 @@ from src.cli import SEED_LIMIT, UserError
 from src.options import check_options, option
 
 NOISE_UNITS = ("released", "real")  # test noise in the released set's z-units (the reference) or the real train's
+# Device names every stage and the sweep accept: torch resolves them (src.runtime.resolve_device).
+DEVICE = (r"auto|cpu|mps|cuda(?::[0-9]+)?", "give auto (CUDA, else MPS, else CPU), cpu, mps, cuda or cuda:N")
 
 
 def nested() -> Any:
@@ -32,7 +34,8 @@ class StageSettings:
     dataset: str = option(None, "registry name, e.g. breastmnist, digits, imagefolder:PATH", kind=str, required=True)
     backbone: str = option(PAPER_BACKBONE, "timm name of the backbone that made the databases")
     seed: int = option(42, "seed of everything random in the run", minimum=0, maximum=SEED_LIMIT - 1)
-    device: str = option("auto", "auto (CUDA, else MPS, else CPU), cpu or cuda", changes_results=False)
+    device: str = option("auto", "auto (CUDA, else MPS, else CPU), cpu, mps, cuda or cuda:N", changes_results=False,
+                         pattern=DEVICE)
     database_root: Path = option(DEFAULT_ROOTS["database_root"], "where the databases are", changes_results=False)
     ckpt_root: Path = option(DEFAULT_ROOTS["ckpt_root"], "where trained models are cached", changes_results=False)
 
@@ -53,7 +56,8 @@ class CreateDbSettings:
     batch_size: int = option(128, "images per forward pass", changes_results=False, minimum=1)
     num_workers: int = option(min(8, os.cpu_count() or 1), "image-decoding worker processes", changes_results=False,
                              minimum=0)
-    device: str = option("auto", "auto (CUDA, else MPS, else CPU), cpu or cuda", changes_results=False)
+    device: str = option("auto", "auto (CUDA, else MPS, else CPU), cpu, mps, cuda or cuda:N", changes_results=False,
+                         pattern=DEVICE)
     seed: int = option(42, "seed (names a random initialisation)", minimum=0, maximum=SEED_LIMIT - 1)
     dataset_root: Path = option(DEFAULT_ROOTS["dataset_root"], "where the datasets are", changes_results=False)
     database_root: Path = option(DEFAULT_ROOTS["database_root"], "where the databases go", changes_results=False)

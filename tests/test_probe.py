@@ -16,6 +16,7 @@ from src.metrics import auroc
 from src.probe import (ProbeConfig, cross_entropy_gradients, predict_proba, probe_checkpoint_path, train_probe, zscore,
                        zscore_stats)
 from src.runtime import resolve_device
+from src.settings import StageSettings
 from cli_checks import assert_one_line_error  # tests/cli_checks.py
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,13 +135,13 @@ def write_databases(root: Path, train_dim: int = 8, test_labels_offset: int = 0)
 def test_load_probe_data_rejects_mismatched_dimensions(tmp_path):
     write_databases(tmp_path, train_dim=6)
     with pytest.raises(UserError, match=r"train\.npz has 6.*val\.npz has 8"):
-        load_probe_data(tmp_path, "toy", "bb")
+        load_probe_data(StageSettings(dataset="toy", backbone="bb", database_root=tmp_path))
 
 
 def test_load_probe_data_rejects_test_label_unseen_in_training(tmp_path):
     write_databases(tmp_path, test_labels_offset=1)
     with pytest.raises(UserError, match=r"test\.npz has labels \[3\]"):
-        load_probe_data(tmp_path, "toy", "bb")
+        load_probe_data(StageSettings(dataset="toy", backbone="bb", database_root=tmp_path))
 
 
 def test_load_probe_data_rejects_a_single_class(tmp_path):
@@ -148,7 +149,7 @@ def test_load_probe_data_rejects_a_single_class(tmp_path):
     x, y = gaussian_classes(45, dim=8, seed=3)
     save_database(folder / "test.npz", x, np.zeros_like(y), {})
     with pytest.raises(UserError, match=r"test\.npz holds one class only"):
-        load_probe_data(tmp_path, "toy", "bb")
+        load_probe_data(StageSettings(dataset="toy", backbone="bb", database_root=tmp_path))
 
 
 def test_classes_count_from_real_splits_not_released_labels(tmp_path):
@@ -158,7 +159,8 @@ def test_classes_count_from_real_splits_not_released_labels(tmp_path):
     save_database(folder / "val.npz", *gaussian_classes(30, dim=8, classes=1, seed=5), {})  # only class 0 in val
     x, y = gaussian_classes(30, dim=8, classes=2, seed=6)
     save_database(folder / "test.npz", x, np.where(y == 1, 2, y), {})  # classes 0 and 2
-    data = load_probe_data(tmp_path, "toy", "bb", folder / "train_ksame-2.npz")
+    settings = StageSettings(dataset="toy", backbone="bb", database_root=tmp_path)
+    data = load_probe_data(settings, folder / "train_ksame-2.npz")
     assert data.num_classes == 3
     assert len(data.inputs) == 4
 

@@ -16,7 +16,8 @@ import yaml
 
 from src.anonymizers import ANONYMIZERS, anonymizer_of_flag, shared_flags
 from src.cli import UserError
-from src.io import code_version, database_dir, save_database
+from src.io import STAGE_SCRIPTS, code_version, save_database
+from src.naming import database_dir
 from src.naming import parse_result_name
 from src.anonymizers.base import Anonymizer
 from src.options import option, option_fields, settings_record
@@ -24,7 +25,6 @@ from src.settings import CreateDbSettings
 from src.sweep.grid import stage_script
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("create_db.py", "anonymize.py", "probing.py", "probing_noise.py", "probing_noise_cvae.py")
 
 
 def example_values(f: dataclasses.Field) -> list:
@@ -104,7 +104,7 @@ def test_result_flags_and_release_names_read_back(name):
         assert online not in flags and anonymizer.parse_flag(online) == releases[0]
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", STAGE_SCRIPTS)
 def test_recorded_settings_are_the_settings_fields(script):
     """Records are what sweeps compare: renaming a setting must change this, not silently rerun sweeps."""
     module = stage_script(script)
@@ -181,7 +181,7 @@ class GaussianNoise(Anonymizer):
 def test_a_new_anonymizer_is_one_module_and_one_registry_line(tmp_path):
     """Copy the code, add a Gaussian-noise anonymizer and its registry line, and run every stage on it."""
     repo = tmp_path / "repo"
-    for name in (*SCRIPTS, "src", "assets/configs"):
+    for name in (*STAGE_SCRIPTS, "src", "assets/configs"):
         source = REPO / name
         if source.is_dir():
             shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -19,7 +19,8 @@ import yaml
 
 from src.data import SPLITS, load_split
 from src.cli import run_cli
-from src.io import code_version, database_dir, file_fingerprint, load_database, save_database, write_json
+from src.io import code_version, file_fingerprint, load_database, save_database, write_json
+from src.naming import database_dir
 from src.options import settings_record
 from src.settings import CreateDbSettings
 from src.sweep import REPO_ROOT, expand, load_config, main, stale_reason
@@ -111,24 +112,31 @@ def test_shipped_configs_expand_to_their_grids(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"colour": "red"}, "unknown key 'colour' in the config"),
-    ({"anonymizers": {"ksame": {"k": [1]}}}, "anonymizers.ksame.k must be finite and >= 2"),
+    ({"anonymizers": {"ksame": {"k": [1]}}}, "anonymizers.ksame.k 1: give a finite number at least 2"),
     ({"anonymizers": {"blur": {}}}, "unknown key 'blur' in anonymizers"),
     ({"anonymizers": {}}, "anonymizers is empty"),
     ({"seeds": []}, "seeds is empty"),
-    ({"seeds": [-1]}, "seeds must be finite and >= 0"),
+    ({"seeds": [-1]}, "seeds -1: give a finite number at least 0"),
     ({"datasets": []}, "datasets is empty"),
     ({"datasets": ["mnist-typo"]}, "unknown dataset 'mnist-typo'"),
     ({"backbone": "not_a_model"}, "unknown --backbone 'not_a_model'"),
-    ({"anonymizers": {"cvae": {"variance": 0}}}, "variance must be finite and > 0"),
+    ({"anonymizers": {"cvae": {"variance": 0}}}, "variance 0: give a finite number above 0"),
     ({"probe": {"lr": "1e-3"}}, "write 1.0e-3"),
-    ({"sigmas": [-1]}, "sigmas must be finite and >= 0"),
-    ({"device": "tpu"}, "device must be auto, cpu or cuda"),
+    ({"sigmas": [-1]}, "sigmas -1: give a finite number at least 0"),
+    ({"device": "tpu"}, "device 'tpu': give auto"),
+    ({"seeds": [2 ** 32]}, "seeds 4294967296: give a finite number at least 0 at most 4294967295"),
     ({"weights": "assets/weights/missing.safetensors"}, "does not exist"),
 ])
 def test_bad_config_values_are_user_errors(tmp_path, monkeypatch, capsys, change, message):
     assert sweep(monkeypatch, write_config(tmp_path, **change), "--dry_run") == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("device", ["mps", "cuda:1", "cpu"])
+def test_the_sweep_takes_every_device_name_the_scripts_take(tmp_path, monkeypatch, device):
+    assert load_config(write_config(tmp_path, device=device)).device == device
+    assert stage_script("probing.py").parse_settings(["--dataset", "digits", "--device", device]).device == device
 
 
 @pytest.mark.slow

@@ -18,11 +18,10 @@ from src.options import check_options, option
 @dataclass(frozen=True)
 class CVAERelease:
     variance: float = option(SAMPLING_VARIANCE, "sampling scale: z = variance * N(0, I), as the reference "
-                             "(it scales the std); named in the release when not 1", picks_release=True, above=0)
-    reference_objective: bool = option(False, "train with the reference's (incorrect) reparameterisation and KL",
-                                       picks_release=True)
+                             "(it scales the std); named in the release when not 1", above=0)
+    reference_objective: bool = option(False, "train with the reference's (incorrect) reparameterisation and KL")
     dp_epsilon: float | None = option(None, "train with DP-SGD to this (epsilon, delta) budget; needs opacus",
-                                      kind=float, picks_release=True, above=0)
+                                      kind=float, above=0)
 
     def __post_init__(self) -> None:
         check_options(self)

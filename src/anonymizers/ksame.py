@@ -12,7 +12,7 @@ from src.options import check_options, option
 
 @dataclass(frozen=True)
 class KSameRelease:
-    k: int | None = option(None, "k-Same cluster size (at least 2)", kind=int, picks_release=True, minimum=2)
+    k: int | None = option(None, "k-Same cluster size (at least 2)", kind=int, minimum=2)
 
     def __post_init__(self) -> None:
         if self.k is None:

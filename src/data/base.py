@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 from torch.utils.data import Dataset
 
-from src.io import SPLITS  # noqa: F401 (re-exported: the loaders' split names)
+from src.naming import SPLITS  # noqa: F401 (re-exported: the loaders' split names)
 
 
 

@@ -9,7 +9,6 @@ check dataset and backbone names.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,11 @@ import yaml
 from src.anonymizers import ANONYMIZERS, Anonymizer
 from src.anonymizers.base import ONLINE_SUFFIX
 from src.cli import UserError, brief_reason
+from src.io import REPO_ROOT
 from src.defaults import DEFAULT_ROOTS
-from src.options import bounds_text, option_fields
-from src.settings import NOISE_UNITS, CreateDbSettings, ProbeSettings
+from src.options import check_value, option_field, option_fields
+from src.settings import NOISE_UNITS, CreateDbSettings, ProbeSettings, StageSettings
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TOP_KEYS = {"name", "datasets", "backbone", "weights", "img_size", "seeds", "sigmas", "noise_units", "anonymizers",
             "probe", "create_db", "device", "download", "paths", "slurm"}
 PROBE_KEYS = ("lr", "epochs", "batch_size")  # ProbeSettings fields a config may set
@@ -79,18 +78,6 @@ class ConfigReader:
             raise self.fail(f"unknown key {unknown[0]!r} in {where}; allowed: {', '.join(sorted(allowed))}")
         return mapping
 
-    def number(self, value: object, where: str, integer: bool = False, bounds: dict | None = None) -> float:
-        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-            hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
-            raise self.fail(f"{where} must be {'an integer' if integer else 'a number'}, got {value!r}{hint}")
-        bounds = bounds or {}
-        low, above, high = bounds.get("minimum"), bounds.get("above"), bounds.get("maximum")
-        if (not math.isfinite(value) or (low is not None and value < low) or (above is not None and value <= above)
-                or (high is not None and value > high)):
-            limits = bounds_text({"minimum": low, "above": above, "maximum": high})
-            raise self.fail(f"{where} must be finite{' and ' + limits if limits else ''}, got {value!r}")
-        return value
-
     def values(self, value: object, where: str) -> list:
         values = value if isinstance(value, list) else [value]
         if not values:
@@ -100,20 +87,16 @@ class ConfigReader:
         return values
 
     def field_values(self, field: dataclasses.Field, value: object, where: str) -> list:
-        """A settings field's config values, checked by the field's own kind and bounds (None = not set)."""
+        """A settings field's config values, checked as its flag is (`check_value`); None = not set."""
         checked = []
         for item in self.values(value, where):
+            try:
+                check_value(where, field, item)
+            except UserError as err:
+                hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(item, str) else ""
+                raise self.fail(f"{err}{hint}") from err
             kind = field.metadata["kind"]
-            if item is None and field.default is None:
-                checked.append(None)
-            elif kind is bool:
-                if not isinstance(item, bool):
-                    raise self.fail(f"{where} must be true or false, got {item!r}")
-                checked.append(item)
-            elif kind in (int, float):
-                checked.append(kind(self.number(item, where, kind is int, field.metadata["bounds"])))
-            else:
-                checked.append(self.text(item, where))
+            checked.append(kind(item) if kind in (int, float) and item is not None else item)
         return checked
 
     def text(self, value: object, where: str) -> str:
@@ -187,13 +170,11 @@ def load_config(path: Path) -> SweepConfig:
     weights = read.text(raw["weights"], "weights") if raw.get("weights") is not None else None
     if weights is not None and not (REPO_ROOT / weights).is_file():
         raise read.fail(f"weights file {weights} does not exist (relative to {REPO_ROOT}); create it or remove the key")
-    img_size = int(read.number(raw["img_size"], "img_size", integer=True, bounds={"minimum": 1})
-                   ) if "img_size" in raw else None
+    img_size = (read.field_values(option_field(CreateDbSettings, "img_size"), [raw["img_size"]], "img_size")[0]
+                if "img_size" in raw else None)
 
-    seeds = [int(read.number(seed, "seeds", integer=True, bounds={"minimum": 0}))
-             for seed in read.values(raw["seeds"], "seeds")]
-    sigmas = sorted({0.0, *(float(read.number(s, "sigmas", bounds={"minimum": 0}))
-                            for s in read.values(raw.get("sigmas", [0]), "sigmas"))})
+    seeds = read.field_values(option_field(StageSettings, "seed"), raw["seeds"], "seeds")
+    sigmas = sorted({0.0, *read.field_values(option_field(ProbeSettings, "sigma"), raw.get("sigmas", [0]), "sigmas")})
     noise_units = [read.text(units, "noise_units") for units in read.values(raw.get("noise_units", list(NOISE_UNITS)),
                                                                              "noise_units")]
     if not set(noise_units) <= set(NOISE_UNITS):
@@ -224,9 +205,7 @@ def load_config(path: Path) -> SweepConfig:
     create_fields = {f.name: f for f in option_fields(CreateDbSettings) if f.name in CREATE_DB_KEYS}
     create_db = {name: read.field_values(create_fields[name], value, f"create_db.{name}")[0]
                  for name, value in read.keys(raw.get("create_db"), list(CREATE_DB_KEYS), "create_db").items()}
-    device = raw.get("device", "auto")
-    if device not in ("auto", "cpu", "cuda"):
-        raise read.fail(f"device must be auto, cpu or cuda, got {device!r}")
+    device = read.field_values(option_field(StageSettings, "device"), [raw.get("device", "auto")], "device")[0]
     download = raw.get("download", False)
     if not isinstance(download, bool):
         raise read.fail(f"download must be true or false, got {download!r}")

@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from src.cli import UserError
-from src.io import dataset_dirname
+from src.naming import dataset_dirname
 from src.options import command_flags, flag_value, option_fields, result_keys, settings_record
 from src.settings import CreateDbSettings, ProbeSettings
 from src.anonymizers.base import ONLINE_SUFFIX
