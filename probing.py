@@ -11,19 +11,21 @@ from src.anonymizers import add_anonymizer_options, anonymizer_settings, get_ano
 from src.cli import ArgumentParser, run_cli
 from src.naming import released_flag, result_paths
 from src.options import add_options, from_args
-from src.settings import ProbeSettings
+from src.settings import ProbeSettings, ProbeTraining
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__)
     add_options(parser, ProbeSettings, skip=("sigma", "noise_units"))
+    add_options(parser, ProbeTraining)
     add_anonymizer_options(parser, making=False)
     return parser
 
 
 def parse_settings(argv: list[str] | None = None) -> ProbeSettings:
     args = build_parser().parse_args(argv)
-    return from_args(ProbeSettings, args, sigma=(0.0,), noise_units=("released",),
+    return from_args(ProbeSettings, args, training=from_args(ProbeTraining, args),
+                     sigma=(0.0,), noise_units=("released",),
                      **anonymizer_settings(get_anonymizer(args.anonymizer), args, making=False))
 
 

@@ -15,12 +15,13 @@ from src.anonymizers import add_anonymizer_options, anonymizer_settings, get_ano
 from src.cli import ArgumentParser, run_cli
 from src.naming import released_flag, result_paths
 from src.options import add_options, from_args
-from src.settings import ProbeSettings
+from src.settings import ProbeSettings, ProbeTraining
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(parser, ProbeSettings)
+    add_options(parser, ProbeTraining)
     parser.set_defaults(sigma=None)
     add_anonymizer_options(parser, making=False)
     return parser
@@ -30,7 +31,8 @@ def parse_settings(argv: list[str] | None = None) -> ProbeSettings:
     args = build_parser().parse_args(argv)
     if args.sigma is None:
         build_parser().error("the following arguments are required: --sigma")
-    return from_args(ProbeSettings, args, **anonymizer_settings(get_anonymizer(args.anonymizer), args, making=False))
+    return from_args(ProbeSettings, args, training=from_args(ProbeTraining, args),
+                     **anonymizer_settings(get_anonymizer(args.anonymizer), args, making=False))
 
 
 def outputs(settings: ProbeSettings) -> list[Path]:

@@ -16,7 +16,7 @@ from src.anonymizers.cvae import CVAEAnonymizer
 from src.cli import ArgumentParser, run_cli
 from src.naming import result_paths
 from src.options import add_options, from_args
-from src.settings import ProbeSettings
+from src.settings import ProbeSettings, ProbeTraining
 
 GENERATOR = CVAEAnonymizer()
 
@@ -24,6 +24,7 @@ GENERATOR = CVAEAnonymizer()
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(parser, ProbeSettings, skip=("anonymizer",))
+    add_options(parser, ProbeTraining)
     parser.set_defaults(sigma=None, noise_units=["real"])  # the reference's online script: real units
     for settings_class in (GENERATOR.Release, GENERATOR.Making, GENERATOR.Online):
         add_options(parser.add_argument_group(f"--anonymizer {GENERATOR.name}"), settings_class)
@@ -35,7 +36,8 @@ def parse_settings(argv: list[str] | None = None) -> ProbeSettings:
     args = parser.parse_args(argv)
     if args.sigma is None:
         parser.error("the following arguments are required: --sigma")
-    return from_args(ProbeSettings, args, anonymizer=GENERATOR.name, release=from_args(GENERATOR.Release, args),
+    return from_args(ProbeSettings, args, training=from_args(ProbeTraining, args),
+                     anonymizer=GENERATOR.name, release=from_args(GENERATOR.Release, args),
                      making=from_args(GENERATOR.Making, args), online=from_args(GENERATOR.Online, args))
 
 

@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.metrics import auroc  # noqa: E402
-from src.probe import ProbeConfig, predict_proba, seeded_linear, train_probe, zscore, zscore_stats  # noqa: E402
+from src.probe import (EARLY_STOPPING_PATIENCE, LR_PATIENCE, MIN_LR, WEIGHT_DECAY, predict_proba,  # noqa: E402
+                       seeded_linear, train_probe, zscore, zscore_stats)
+from src.settings import ProbeTraining  # noqa: E402
 from src.runtime import resolve_device  # noqa: E402
 from timing import race  # noqa: E402  (benchmarks/timing.py, next to this script)
 
@@ -53,17 +55,16 @@ class EpochPermutations(Sampler[int]):
         return iter(torch.randperm(self.size, generator=self.generator).tolist())
 
 
-def dataloader_probe(train: TensorDataset, val: TensorDataset, num_classes: int, config: ProbeConfig,
+def dataloader_probe(train: TensorDataset, val: TensorDataset, num_classes: int, config: ProbeTraining,
                      device: torch.device, seed: int) -> tuple[torch.nn.Linear, int]:
     """The reference's way: per-sample DataLoader batches moved to the device every step; (probe, epochs run)."""
     model = seeded_linear(train.tensors[0].shape[1], num_classes, seed).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=config.lr_patience,
-                                                           min_lr=config.min_lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=WEIGHT_DECAY)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=LR_PATIENCE, min_lr=MIN_LR)
     train_loader = DataLoader(train, batch_size=config.batch_size, sampler=EpochPermutations(len(train), seed))
     val_loader = DataLoader(val, batch_size=config.batch_size)
     best_loss, best_state, best_epoch = float("inf"), None, -1
-    for epoch in range(config.max_epochs):
+    for epoch in range(config.epochs):
         model.train()
         for x, y in train_loader:
             loss = F.cross_entropy(model(x.to(device)), y.to(device))
@@ -77,7 +78,7 @@ def dataloader_probe(train: TensorDataset, val: TensorDataset, num_classes: int,
         scheduler.step(val_loss)
         if val_loss < best_loss:
             best_loss, best_state, best_epoch = val_loss, copy.deepcopy(model.state_dict()), epoch
-        if epoch - best_epoch >= config.early_stopping_patience:
+        if epoch - best_epoch >= EARLY_STOPPING_PATIENCE:
             break
     model.load_state_dict(best_state)
     return model.eval(), epoch + 1
@@ -96,12 +97,12 @@ def main() -> None:
                         help="rounds, ours and the baseline interleaved; the fastest is reported")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device, config = resolve_device(args.device), ProbeConfig()
+    device, config = resolve_device(args.device), ProbeTraining()
     print(f"device {device}, torch threads {torch.get_num_threads()}, D = {args.dim}, {args.classes} classes, "
           f"fastest of {args.repeats} runs")
     warm_x, warm_y = torch.randn(256, args.dim), torch.randint(0, args.classes, (256,))
     train_probe((warm_x.to(device), warm_y.to(device)), warm_x.to(device), warm_y.to(device), args.classes,
-                ProbeConfig(max_epochs=2), device, args.seed)  # first-call library set-up stays out of the timings
+                ProbeTraining(epochs=2), device, args.seed)  # first-call library set-up stays out of the timings
     print(f"{'N':>6} | {'ours: s':>8} {'epochs':>6} | {'DataLoader: s':>13} {'epochs':>6} | {'speed-up':>8} | "
           f"{'AUC ours':>8} {'loader':>7}")
     for n in args.sizes:

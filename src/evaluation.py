@@ -26,7 +26,7 @@ from src.io import array_fingerprint, check_output_folder, file_fingerprint, loa
 from src.metrics import accuracy, auroc, balanced_accuracy, check_sizes, nearest_neighbours, privacy_metrics
 from src.naming import create_db_command, database_dir, database_paths, release_hint, release_path, result_paths
 from src.options import settings_record
-from src.probe import ProbeConfig, TrainSource, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
+from src.probe import TrainSource, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
 from src.runtime import resolve_device, seed_everything
 from src.settings import ProbeSettings, StageSettings
 
@@ -175,7 +175,6 @@ def load_released(settings: ProbeSettings) -> ProbeData:
 def run_probing(settings: ProbeSettings, data: ProbeData, training: TrainingSet, device: torch.device,
                 plain: bool = False) -> dict[Path, dict]:
     """Train the probe on `training`, evaluate it at every sigma and units, measure privacy: {path: record}."""
-    config = ProbeConfig(lr=settings.lr, batch_size=settings.batch_size, max_epochs=settings.epochs)
     paths = result_paths(settings, training.flag, plain)
     val_x, test_x = (torch.from_numpy(zscore(x, training.mean, training.std)).to(device)
                      for x in (data.val_x, data.test_x))
@@ -191,9 +190,9 @@ def run_probing(settings: ProbeSettings, data: ProbeData, training: TrainingSet,
         x, y = training.source
         source = (torch.from_numpy(zscore(x, training.mean, training.std)).to(device), torch.from_numpy(y).to(device))
     checkpoint = probe_checkpoint_path(database_dir(settings.ckpt_root, settings.dataset, settings.backbone) / "probe",
-                                       config, settings.seed, data.num_classes, training.key)
-    model, history = train_probe(source, val_x, torch.from_numpy(data.val_y).to(device), data.num_classes, config,
-                                 device, settings.seed, checkpoint)
+                                       settings.training, settings.seed, data.num_classes, training.key)
+    model, history = train_probe(source, val_x, torch.from_numpy(data.val_y).to(device), data.num_classes,
+                                 settings.training, device, settings.seed, checkpoint)
 
     scales = {units: noise_scale(unit_std, training.std, device) for units, unit_std in
               (("released", zscore_stats(training.released_x)[1]), ("real", zscore_stats(data.train_x)[1]))}

@@ -8,14 +8,14 @@ Shuffling uses a seeded CPU generator, so the batch order is the same on every d
 
 The training set is either fixed tensors or a callable `epoch -> (x, y)` that draws
 fresh samples each epoch (the online CVAE). Trained probes are cached under a key
-hashed from the config, seed and data fingerprints, so a changed input never
+hashed from the training settings, seed and data fingerprints, so a changed input never
 reuses a stale checkpoint.
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Union
 
@@ -28,6 +28,7 @@ from tqdm import tqdm
 from src.cli import UserError, brief_reason
 from src.io import atomic_path, provenance, settings_key
 from src.runtime import one_cpu_thread
+from src.settings import ProbeTraining
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 TrainSource = Union[Batch, Callable[[int], Batch]]
@@ -45,25 +46,21 @@ def zscore(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return ((np.asarray(x, dtype=np.float32) - mean) / std).astype(np.float32)
 
 
-@dataclass(frozen=True)
-class ProbeConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    max_epochs: int = 100
-    lr_patience: int = 5  # ReduceLROnPlateau on validation loss
-    min_lr: float = 1e-5
-    early_stopping_patience: int = 5  # epochs without a new best validation loss
+# The reference's fixed probe hyperparameters (the flags are src.settings.ProbeTraining).
+WEIGHT_DECAY = 0.0
+LR_PATIENCE = 5  # ReduceLROnPlateau on validation loss
+MIN_LR = 1e-5
+EARLY_STOPPING_PATIENCE = 5  # epochs without a new best validation loss
 
 
-def probe_checkpoint_path(ckpt_dir: Path, config: ProbeConfig, seed: int, num_classes: int,
+def probe_checkpoint_path(ckpt_dir: Path, training: ProbeTraining, seed: int, num_classes: int,
                           key_material: dict) -> Path:
     """Checkpoint file named by a hash of everything that determines the trained probe.
 
     `key_material` holds fingerprints of the data (src.io.array_fingerprint) or, for a
     callable source, whatever identifies the generator that feeds it.
     """
-    key = settings_key({"config": asdict(config), "seed": seed, "num_classes": num_classes, "data": key_material})
+    key = settings_key({"training": asdict(training), "seed": seed, "num_classes": num_classes, "data": key_material})
     return Path(ckpt_dir) / f"probe-{key}.pt"
 
 
@@ -76,7 +73,7 @@ def validation_loss(model: nn.Linear, x: torch.Tensor, y: torch.Tensor, block_si
 
 
 def train_probe(train_source: TrainSource, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int,
-                config: ProbeConfig, device: torch.device, seed: int,
+                training: ProbeTraining, device: torch.device, seed: int,
                 checkpoint: Path | None = None) -> tuple[nn.Linear, dict]:
     """Train a linear probe; return it in eval mode with the best validation weights, and its history.
 
@@ -100,7 +97,7 @@ def train_probe(train_source: TrainSource, val_x: torch.Tensor, val_y: torch.Ten
         return model.eval(), history
 
     with one_cpu_thread():
-        model, history = _fit(model, train_source, val_x, val_y, config, device, seed)
+        model, history = _fit(model, train_source, val_x, val_y, training, device, seed)
     if checkpoint is not None:
         with atomic_path(Path(checkpoint)) as tmp:
             torch.save({"state_dict": model.state_dict(), "history": history, **provenance()}, tmp)
@@ -108,29 +105,28 @@ def train_probe(train_source: TrainSource, val_x: torch.Tensor, val_y: torch.Ten
 
 
 def _fit(model: nn.Linear, train_source: TrainSource, val_x: torch.Tensor, val_y: torch.Tensor,
-         config: ProbeConfig, device: torch.device, seed: int) -> tuple[nn.Linear, dict]:
+         training: ProbeTraining, device: torch.device, seed: int) -> tuple[nn.Linear, dict]:
     """The training loop: Adam, ReduceLROnPlateau and early stopping on validation loss, best weights kept."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=config.lr_patience,
-                                                           min_lr=config.min_lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=training.lr, weight_decay=WEIGHT_DECAY, fused=True)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=LR_PATIENCE, min_lr=MIN_LR)
     shuffle_generator = torch.Generator().manual_seed(seed)
     history: dict = {"train_loss": [], "val_loss": [], "lr": []}
     best_loss, best_state, best_epoch = float("inf"), copy.deepcopy(model.state_dict()), -1
-    for epoch in (bar := tqdm(range(config.max_epochs), desc="probe", leave=False, disable=None)):
+    for epoch in (bar := tqdm(range(training.epochs), desc="probe", leave=False, disable=None)):
         x, y = train_source(epoch) if callable(train_source) else train_source
         x, y = x.to(device, torch.float32), y.to(device, torch.long)
         history["lr"].append(optimizer.param_groups[0]["lr"])
-        history["train_loss"].append(_train_epoch(model, optimizer, x, y, config.batch_size, shuffle_generator))
+        history["train_loss"].append(_train_epoch(model, optimizer, x, y, training.batch_size, shuffle_generator))
         loss = validation_loss(model, val_x, val_y)
         history["val_loss"].append(loss)
         scheduler.step(loss)
         if math.isfinite(loss) and loss < best_loss:
             best_loss, best_state, best_epoch = loss, copy.deepcopy(model.state_dict()), epoch
         bar.set_postfix(val_loss=f"{loss:.4f}")
-        if epoch - best_epoch >= config.early_stopping_patience:
+        if epoch - best_epoch >= EARLY_STOPPING_PATIENCE:
             break
     if best_epoch < 0:  # the initial weights were never validated as a model: there is no result to report
-        raise UserError(f"the probe's validation loss was never finite (last {loss:g}) with -l/--lr {config.lr:g}; "
+        raise UserError(f"the probe's validation loss was never finite (last {loss:g}) with -l/--lr {training.lr:g}; "
                         "lower -l/--lr or check the embeddings for extreme values")
     model.load_state_dict(best_state)
     history["best_epoch"] = best_epoch

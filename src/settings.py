@@ -22,8 +22,11 @@ NOISE_UNITS = ("released", "real")  # test noise in the released set's z-units (
 DEVICE = (r"auto|cpu|mps|cuda(?::[0-9]+)?", "give auto (CUDA, else MPS, else CPU), cpu, mps, cuda or cuda:N")
 
 
-def nested() -> Any:
-    """A field holding another settings object (an anonymizer's), flattened into records."""
+def nested(factory: type | None = None) -> Any:
+    """A field holding another settings object (an anonymizer's, the probe's), flattened into records; None
+    where the stage has no such part, or the `factory` class's defaults."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"nested": True})
     return dataclasses.field(default=None, metadata={"nested": True})
 
 
@@ -82,14 +85,25 @@ class AnonymizeSettings(StageSettings):
 
 
 @dataclass(frozen=True)
-class ProbeSettings(StageSettings):
-    """probing.py (sigma 0 only), probing_noise.py and, with `online` set, probing_noise_cvae.py."""
+class ProbeTraining:
+    """How the linear probe trains (src.probe.train_probe takes this): the reference's -l, -e and -b. Its
+    fixed hyperparameters (no weight decay, the plateau and early-stopping patience) live in src.probe."""
 
-    output_root: Path = option(DEFAULT_ROOTS["output_root"], "where result files go", changes_results=False)
     lr: float = option(1e-3, "probe learning rate (Adam)", flags=("-l", "--lr"), above=0)
     epochs: int = option(100, "maximum probe epochs (early stopping may end sooner)", flags=("-e", "--epochs"),
                         minimum=1)
     batch_size: int = option(128, "probe batch size", flags=("-b", "--batch_size"), minimum=1)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass(frozen=True)
+class ProbeSettings(StageSettings):
+    """probing.py (sigma 0 only), probing_noise.py and, with `online` set, probing_noise_cvae.py."""
+
+    output_root: Path = option(DEFAULT_ROOTS["output_root"], "where result files go", changes_results=False)
+    training: ProbeTraining = nested(ProbeTraining)
     anonymizer: str = option("identity", "which released training set to probe", choices=list(ANONYMIZERS))
     sigma: tuple[float, ...] = option([0.0], "std of the Gaussian test noise; one or several", kind=float,
                                      nargs="+", minimum=0)

@@ -20,7 +20,8 @@ from src.data.base import ImageSplit
 from src.extract import extract_embeddings
 from src.ksame import ksame_clusters
 from src.metrics import auroc
-from src.probe import ProbeConfig, predict_proba, train_probe
+from src.probe import predict_proba, train_probe
+from src.settings import ProbeTraining
 from src.runtime import resolve_device
 from test_ksame import reference_clusters  # tests/test_ksame.py
 from test_probe import common_args, gaussian_classes, run_script, tensors, write_databases  # tests/test_probe.py
@@ -50,7 +51,7 @@ def test_probe_on_gpu_matches_cpu():
     for device in (CPU, GPU):
         train_t, val_t = tensors(*train), tensors(*val)
         model, history = train_probe((train_t[0].to(device), train_t[1].to(device)), val_t[0].to(device),
-                                     val_t[1].to(device), 3, ProbeConfig(), device, seed=0)
+                                     val_t[1].to(device), 3, ProbeTraining(), device, seed=0)
         assert next(model.parameters()).device.type == device.type
         aucs.append(auroc(test[1], predict_proba(model, torch.from_numpy(test[0]).to(device))))
     assert abs(aucs[0] - aucs[1]) < 0.5

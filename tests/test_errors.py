@@ -21,7 +21,8 @@ from src.cli import ArgumentParser, UserError, brief_reason, check_finite, check
 from src.data import load_split
 from src.cvae import CVAE, CVAEConfig, checkpoint_path, load_or_train_cvae, train_cvae
 from src.io import atomic_path, check_output_folder, load_database, remove_dead_temporaries, save_database, write_json
-from src.probe import ProbeConfig, probe_checkpoint_path, train_probe
+from src.probe import probe_checkpoint_path, train_probe
+from src.settings import ProbeTraining
 from src.runtime import seed_everything
 from src.sweep import load_config
 from cli_checks import assert_one_line_error  # tests/cli_checks.py
@@ -178,7 +179,7 @@ def test_damaged_probe_checkpoint_is_one_line(tmp_path):
     x, y = blobs(20, 0)
     with pytest.raises(UserError) as caught:
         train_probe((torch.from_numpy(x), torch.from_numpy(y)), torch.from_numpy(x), torch.from_numpy(y), 2,
-                    ProbeConfig(max_epochs=2), CPU, 0, checkpoint)
+                    ProbeTraining(epochs=2), CPU, 0, checkpoint)
     message = user_message(caught.value)
     assert "\n" not in message and str(checkpoint) in message and "delete it to retrain" in message
 
@@ -241,15 +242,15 @@ def test_labels_beyond_the_classes_the_data_can_hold_are_refused(tmp_path, label
 def test_probe_that_never_reaches_a_finite_loss_is_an_error_not_a_result(tmp_path):
     x, y = blobs(40, 0)
     data = torch.from_numpy(x), torch.from_numpy(y)
-    with pytest.raises(UserError, match=r"never finite.*-l/--lr inf; lower -l/--lr"):
-        train_probe(data, *data, 2, ProbeConfig(lr=float("inf"), max_epochs=20), CPU, 0, tmp_path / "probe.pt")
+    with pytest.raises(UserError, match=r"never finite.*-l/--lr 1e\+300; lower -l/--lr"):
+        train_probe(data, *data, 2, ProbeTraining(lr=1e300, epochs=20), CPU, 0, tmp_path / "probe.pt")
     assert not (tmp_path / "probe.pt").exists()
 
 
 def test_probe_checkpoint_of_an_untrained_probe_is_refused(tmp_path):
     x, y = blobs(40, 0)
     data = torch.from_numpy(x), torch.from_numpy(y)
-    config = ProbeConfig(max_epochs=3)
+    config = ProbeTraining(epochs=3)
     checkpoint = probe_checkpoint_path(tmp_path, config, 0, 2, {"data": "toy"})
     model, history = train_probe(data, *data, 2, config, CPU, 0, checkpoint)
     history["best_epoch"] = -1  # what the earlier code saved when every validation loss was NaN

@@ -13,10 +13,10 @@ from src.evaluation import load_probe_data, noisy_test_metrics
 from src.cli import UserError
 from src.io import save_database
 from src.metrics import auroc
-from src.probe import (ProbeConfig, cross_entropy_gradients, predict_proba, probe_checkpoint_path, train_probe, zscore,
-                       zscore_stats)
+from src.probe import (EARLY_STOPPING_PATIENCE, cross_entropy_gradients, predict_proba, probe_checkpoint_path,
+                       train_probe, zscore, zscore_stats)
 from src.runtime import resolve_device
-from src.settings import StageSettings
+from src.settings import ProbeTraining, StageSettings
 from cli_checks import assert_one_line_error  # tests/cli_checks.py
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def test_written_out_gradients_equal_autograd():
 
 def test_probe_matches_logistic_regression_auc():
     train, val, test = (gaussian_classes(n, spread=2.0, seed=s) for n, s in [(600, 1), (200, 2), (1000, 3)])
-    model, history = train_probe(tensors(*train), *tensors(*val), 3, ProbeConfig(), CPU, seed=0)
+    model, history = train_probe(tensors(*train), *tensors(*val), 3, ProbeTraining(), CPU, seed=0)
     ours = auroc(test[1], predict_proba(model, torch.from_numpy(test[0])))
     reference = auroc(test[1], LogisticRegression(max_iter=2000).fit(*train).predict_proba(test[0]))
     assert 60.0 < reference < 99.0  # hard enough that a badly trained probe would show
@@ -68,11 +68,11 @@ def test_probe_matches_logistic_regression_auc():
 
 def test_probe_is_deterministic_and_stops_early():
     train, val = gaussian_classes(300, seed=1), gaussian_classes(100, seed=2)
-    config = ProbeConfig(lr=0.1, max_epochs=100)  # a large step overfits fast, so patience ends the run
+    config = ProbeTraining(lr=0.1, epochs=100)  # a large step overfits fast, so patience ends the run
     first, history = train_probe(tensors(*train), *tensors(*val), 3, config, CPU, seed=7)
     second, _ = train_probe(tensors(*train), *tensors(*val), 3, config, CPU, seed=7)
     assert torch.equal(first.weight, second.weight)
-    assert len(history["val_loss"]) == history["best_epoch"] + 1 + config.early_stopping_patience
+    assert len(history["val_loss"]) == history["best_epoch"] + 1 + EARLY_STOPPING_PATIENCE
     assert not first.training
 
 
@@ -86,7 +86,7 @@ def test_callable_source_is_called_every_epoch_and_its_data_used():
         flipped = y if epoch == 0 else (y + 1) % 3  # from epoch 1 on the source teaches shifted labels
         return tensors(x, flipped)
 
-    model, history = train_probe(source, *tensors(val_x, (val_y + 1) % 3), 3, ProbeConfig(lr=0.01, max_epochs=30),
+    model, history = train_probe(source, *tensors(val_x, (val_y + 1) % 3), 3, ProbeTraining(lr=0.01, epochs=30),
                                  CPU, 0)
     assert calls == list(range(len(history["val_loss"])))
     predictions = predict_proba(model, torch.from_numpy(val_x)).argmax(axis=1)
@@ -95,7 +95,7 @@ def test_callable_source_is_called_every_epoch_and_its_data_used():
 
 def test_checkpoint_is_reused_only_for_the_same_key(tmp_path):
     train, val = gaussian_classes(200, seed=1), gaussian_classes(100, seed=2)
-    config = ProbeConfig(max_epochs=5)
+    config = ProbeTraining(epochs=5)
     path = probe_checkpoint_path(tmp_path, config, 0, 3, {"train": "a", "val": "b"})
     assert path != probe_checkpoint_path(tmp_path, config, 0, 3, {"train": "changed", "val": "b"})
     assert path != probe_checkpoint_path(tmp_path, config, 1, 3, {"train": "a", "val": "b"})
@@ -115,7 +115,7 @@ def test_checkpoint_is_reused_only_for_the_same_key(tmp_path):
 
 def test_noise_zero_changes_nothing_and_large_noise_drives_auc_to_chance():
     train, val, test = (gaussian_classes(n, seed=s) for n, s in [(400, 1), (100, 2), (3000, 3)])
-    model, _ = train_probe(tensors(*train), *tensors(*val), 3, ProbeConfig(max_epochs=20), CPU, 0)
+    model, _ = train_probe(tensors(*train), *tensors(*val), 3, ProbeTraining(epochs=20), CPU, 0)
     test_x = torch.from_numpy(test[0])
     results = noisy_test_metrics(model, test_x, test[1], [0.0, 1.0, 1000.0], seed=0)
     assert results[0.0]["auc"] == auroc(test[1], predict_proba(model, test_x))

@@ -21,11 +21,10 @@ from src.cli import UserError, brief_reason
 from src.io import REPO_ROOT
 from src.defaults import DEFAULT_ROOTS
 from src.options import check_value, option_field, option_fields
-from src.settings import NOISE_UNITS, CreateDbSettings, ProbeSettings, StageSettings
+from src.settings import NOISE_UNITS, CreateDbSettings, ProbeSettings, ProbeTraining, StageSettings
 
 TOP_KEYS = {"name", "datasets", "backbone", "weights", "img_size", "seeds", "sigmas", "noise_units", "anonymizers",
             "probe", "create_db", "device", "download", "paths", "slurm"}
-PROBE_KEYS = ("lr", "epochs", "batch_size")  # ProbeSettings fields a config may set
 CREATE_DB_KEYS = ("batch_size", "num_workers")  # CreateDbSettings fields a config may set
 PATH_DEFAULTS = {key: str(root) for key, root in DEFAULT_ROOTS.items()}
 SLURM_KEYS = {"partition", "account", "time", "gres", "cpus_per_task", "mem"}
@@ -199,9 +198,9 @@ def load_config(path: Path) -> SweepConfig:
                 raise read.fail(f"anonymizers.{entry}: {err}") from err
         anonymizers.append(grid)
 
-    probe_fields = {f.name: f for f in option_fields(ProbeSettings) if f.name in PROBE_KEYS}
+    probe_fields = {f.name: f for f in option_fields(ProbeTraining)}
     probe = {name: read.field_values(probe_fields[name], value, f"probe.{name}")[0]
-             for name, value in read.keys(raw.get("probe"), list(PROBE_KEYS), "probe").items()}
+             for name, value in read.keys(raw.get("probe"), list(probe_fields), "probe").items()}
     create_fields = {f.name: f for f in option_fields(CreateDbSettings) if f.name in CREATE_DB_KEYS}
     create_db = {name: read.field_values(create_fields[name], value, f"create_db.{name}")[0]
                  for name, value in read.keys(raw.get("create_db"), list(CREATE_DB_KEYS), "create_db").items()}

@@ -16,7 +16,7 @@ from typing import Any
 from src.cli import UserError
 from src.naming import dataset_dirname
 from src.options import command_flags, flag_value, option_fields, result_keys, settings_record
-from src.settings import CreateDbSettings, ProbeSettings
+from src.settings import CreateDbSettings, ProbeTraining
 from src.anonymizers.base import ONLINE_SUFFIX
 from src.sweep.config import REPO_ROOT, AnonymizerGrid, SweepConfig, grid_settings, settings_objects
 
@@ -74,7 +74,7 @@ def expand(config: SweepConfig, results_dir: Path) -> list[Point]:
     roots = config.paths
     device = ["--device", config.device]
     stores = ["--database_root", roots["database_root"], "--ckpt_root", roots["ckpt_root"]]
-    probe_args = command_flags(ProbeSettings, config.probe)
+    probe_args = command_flags(ProbeTraining, config.probe)
     noisy = [sigma for sigma in config.sigmas if sigma > 0]
     noise_args = ["--sigma", *map(flag_value, noisy), "--noise_units", *config.noise_units]
     points = []
