@@ -98,11 +98,10 @@ def test_same_seed_same_model_and_samples(data, bundle):
     assert not np.array_equal(samples, other_samples)
 
 
-def test_generated_vectors_stay_in_training_range(data):
-    """The decoder ends in a sigmoid, (0, 1) in scaled space, which the scaler maps back to
-    [train min, train max] of each feature. That bound is over the whole train set, not per
-    class (nothing ties a class's samples to its own range), so we check each class's samples
-    against it, with a constant feature that must come back exactly at its value."""
+def test_generation_copies_class_counts_and_maps_back_through_the_train_scaler(data):
+    """Generation copies the training class counts, and the scaler maps the decoder's sigmoid back onto the
+    train range: the range bound holds by construction (sigmoid, then min-max), so what this checks is the
+    mapping itself, with a constant feature (span 0) that must come back exactly at its value."""
     train_x, train_y, val_x, val_y = (array.copy() for array in data)
     train_x[:, 3], val_x[:, 3] = 2.5, 2.5
     trained = train_cvae(train_x, train_y, val_x, val_y, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
@@ -117,6 +116,20 @@ def test_generated_vectors_stay_in_training_range(data):
         assert len(members) > 0
         assert (members >= low - slack).all() and (members <= high + slack).all()
     assert (samples[:, 3] == 2.5).all()
+
+
+def test_samples_keep_each_class_structure():
+    """A classifier trained on CVAE samples alone labels real held-out records: the decoder must have learnt
+    what sets the classes apart, not only the overall spread. On these separated clusters it reaches
+    >= 95 % (majority class: 60 %; the same samples with shuffled labels score about 46 %)."""
+    from sklearn.linear_model import LogisticRegression
+
+    (train_x, train_y), (val_x, val_y), (held_x, held_y) = (mixture(n, seed) for n, seed in ((300, 0), (150, 1),
+                                                                                           (500, 2)))
+    trained = train_cvae(train_x, train_y, val_x, val_y, NUM_CLASSES, CVAEConfig(max_epochs=30, lr=1e-2), CPU, seed=0)
+    samples, labels = generate_offline(trained, train_y, variance=1.0, seed=0)
+    classifier = LogisticRegression(max_iter=1000).fit(samples, labels)
+    assert classifier.score(held_x, held_y) >= 0.95
 
 
 def test_offline_count_keeps_class_proportions(bundle, data):

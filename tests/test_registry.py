@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from src.naming import database_dir
 from src.naming import parse_result_name
 from src.anonymizers.base import Anonymizer
 from src.options import option, option_fields, settings_record
-from src.settings import CreateDbSettings
+from src.settings import AnonymizeSettings, CreateDbSettings, ProbeSettings, ProbeTraining, StageSettings
 from src.sweep.grid import stage_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,9 +141,25 @@ def test_importing_the_sweep_and_scripts_loads_no_model_library():
     assert done.stdout.strip() == "[]"
 
 
-def test_code_version_names_the_commit_or_the_sources():
-    version = code_version()
-    assert version.startswith(("git:", "src:")) and len(version) > 8
+def test_code_version_names_the_commit_or_the_sources(tmp_path):
+    """In this checkout: the commit git names (dirty when anything differs from it). In a copy outside git: the hash
+    of src/ and the scripts, the same for an identical copy and another for a changed one."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert code_version().removesuffix("-dirty") == f"git:{head.stdout.strip()[:12]}"
+    code = "from src.io import code_version; print(code_version())"
+    versions = []
+    for name, edit in (("copy", ""), ("same", ""), ("changed", "\n# one more line\n")):
+        copy = tmp_path / name
+        shutil.copytree(REPO / "src", copy / "src", ignore=shutil.ignore_patterns("__pycache__"))
+        for script in STAGE_SCRIPTS:
+            shutil.copy(REPO / script, copy / script)
+        with open(copy / "src" / "naming.py", "a") as handle:
+            handle.write(edit)
+        done = subprocess.run([sys.executable, "-c", code], cwd=copy, capture_output=True, text=True, check=True,
+                              env={**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path)})
+        versions.append(done.stdout.strip())
+    assert versions[0].startswith("src:") and versions[0] == versions[1] != versions[2]
 
 
 TOY_MODULE = '''"""A toy anonymizer for the registry test: Gaussian noise of std k added to each vector (its flag
@@ -242,7 +260,59 @@ def test_a_new_anonymizer_is_one_module_and_one_registry_line(tmp_path):
     assert table[0] == "| dataset | identity | ksame-3 | noise-1 | noise-2 |"
 
 
-def test_settings_classes_are_frozen_and_checked():
-    release = ANONYMIZERS["ksame"].Release(k=4)
+def settings_classes() -> list[type]:
+    """Every settings class whose fields are flags: the stages' and each anonymizer's."""
+    classes = [CreateDbSettings, StageSettings, AnonymizeSettings, ProbeSettings, ProbeTraining]
+    for anonymizer in ANONYMIZERS.values():
+        classes += [cls for cls in (anonymizer.Release, anonymizer.Making, anonymizer.Online)
+                    if cls is not None and option_fields(cls)]
+    return list(dict.fromkeys(classes))
+
+
+def valid_values(settings_class: type) -> dict:
+    """Values every field accepts: defaults, a required text a name, a required number its first example."""
+    values = {}
+    for f in option_fields(settings_class):
+        if f.metadata["required"]:
+            values[f.name] = "digits" if f.metadata["choices"] is None else f.metadata["choices"][0]
+        elif f.default is None and f.metadata["kind"] in (int, float) and f.metadata["bounds"]["minimum"]:
+            values[f.name] = example_values(f)[0]  # a setting with no usable default (k-Same's k)
+    if settings_class is AnonymizeSettings:
+        values["anonymizer"] = "ksame"
+    return values
+
+
+@pytest.mark.parametrize("settings_class", settings_classes(), ids=lambda cls: cls.__name__)
+def test_settings_classes_are_frozen_and_refuse_values_outside_their_bounds(settings_class):
+    """Each bounded number, switch and text of each settings class is checked on construction, with the flag named;
+    the object cannot be changed afterwards."""
+    base = valid_values(settings_class)
+    settings = settings_class(**base)
+    first = option_fields(settings_class)[0]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        release.k = 5
+        setattr(settings, first.name, getattr(settings, first.name))
+    checked = 0
+    for f in option_fields(settings_class):
+        flag = (f.metadata["flags"] or (f"--{f.name}",))[0]
+        bounds, kind = f.metadata["bounds"], f.metadata["kind"]
+        bad = []
+        if kind in (int, float):
+            bad = [float("nan"), float("inf")]
+            if bounds["minimum"] is not None:
+                bad.append(bounds["minimum"] - 1)
+            if bounds["above"] is not None:
+                bad.append(bounds["above"])
+            if bounds["maximum"] is not None:
+                bad.append(bounds["maximum"] + 1)
+            if kind is int:
+                bad.append(2.5)
+        elif kind is bool:
+            bad = ["yes"]
+        elif f.metadata["choices"] or f.metadata["pattern"]:
+            bad = ["no-such-choice"]
+        for value in bad:
+            value = (value,) * (2 if f.metadata["nargs"] == 2 else 1) if f.metadata["nargs"] else value
+            with pytest.raises(UserError, match=re.escape(flag)):
+                settings_class(**{**base, f.name: value})
+            checked += 1
+    assert checked > 0
