@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from functools import partial
 import shutil
 import subprocess
 import sys
@@ -14,9 +15,12 @@ import pytest
 import yaml
 from PIL import Image
 from sklearn.model_selection import train_test_split
+from medmnist import INFO as MEDMNIST_INFO
 from torchvision import datasets
 
-from src.data import DATASETS, DatasetOptions, load_split
+from src.data import DATASETS, SPLITS, DatasetOptions, load_split
+from src.data.medimeta import MEDIMETA_TASKS
+from src.data.medmnist import MEDMNIST_FLAGS
 from src.data.octdl import OCTDL_CLASSES, build_octdl_tree
 from src.cli import UserError
 
@@ -349,20 +353,27 @@ def test_octdl_script_reports_bad_input_in_one_line(tmp_path, raw_name, argument
 
 # ---------------------------------------------------------------- torchvision datasets
 
-def test_dtd_official_splits_with_stable_class_ids(tmp_path):
-    data = tmp_path / "dtd" / "dtd"
-    classes = ["banded", "dotted", "zigzagged"]
-    members = {"train": ["banded", "dotted", "zigzagged", "banded"], "val": ["dotted", "zigzagged"],
+DTD_MEMBERS = {"train": ["banded", "dotted", "zigzagged", "banded"], "val": ["dotted", "zigzagged"],
                "test": ["zigzagged", "dotted"]}  # banded absent from test
-    for split, names in members.items():
+
+
+def write_dtd(root: Path) -> None:
+    """DTD's layout: images/<class>/<file>.jpg and labels/<split>1.txt listing <class>/<file>."""
+    data = root / "dtd" / "dtd"
+    for split, names in DTD_MEMBERS.items():
         lines = []
         for i, name in enumerate(names):
             file = f"{name}_{split}_{i:04d}.jpg"
             write_image(data / "images" / name / file, value=i)
             lines.append(f"{name}/{file}\n")
-        (data / "labels").mkdir(exist_ok=True)
+        (data / "labels").mkdir(parents=True, exist_ok=True)
         (data / "labels" / f"{split}1.txt").write_text("".join(lines))
-    for split, names in members.items():
+
+
+def test_dtd_official_splits_with_stable_class_ids(tmp_path):
+    classes = ["banded", "dotted", "zigzagged"]
+    write_dtd(tmp_path)
+    for split, names in DTD_MEMBERS.items():
         loaded = load_split("dtd", tmp_path, split)
         assert loaded.class_names == classes
         np.testing.assert_array_equal(loaded.labels, [classes.index(name) for name in names])
@@ -370,22 +381,29 @@ def test_dtd_official_splits_with_stable_class_ids(tmp_path):
         assert loaded.samples[1].size == (10, 8)
 
 
-def test_aircraft_variant_level_official_splits(tmp_path):
-    data = tmp_path / "aircraft" / "fgvc-aircraft-2013b" / "data"
-    variants = ["707-320", "A320", "Cessna 172"]
+AIRCRAFT_VARIANTS = ["707-320", "A320", "Cessna 172"]
+AIRCRAFT_PICKS = {"train": [0, 1, 2, 2], "val": [1, 0], "test": [2]}
+
+
+def write_aircraft(root: Path) -> None:
+    """FGVC-Aircraft's layout: data/images/<id>.jpg, variants.txt and images_variant_<split>.txt."""
+    data = root / "aircraft" / "fgvc-aircraft-2013b" / "data"
     (data / "images").mkdir(parents=True)
-    (data / "variants.txt").write_text("".join(f"{v}\n" for v in variants))
+    (data / "variants.txt").write_text("".join(f"{v}\n" for v in AIRCRAFT_VARIANTS))
     image_id = 1000000
-    expected = {}
-    for split, picks in {"train": [0, 1, 2, 2], "val": [1, 0], "test": [2]}.items():
+    for split, picks in AIRCRAFT_PICKS.items():
         lines = []
         for pick in picks:
             image_id += 1
             write_image(data / "images" / f"{image_id}.jpg", value=pick)
-            lines.append(f"{image_id} {variants[pick]}\n")
+            lines.append(f"{image_id} {AIRCRAFT_VARIANTS[pick]}\n")
         (data / f"images_variant_{split}.txt").write_text("".join(lines))
-        expected[split] = picks
-    for split, picks in expected.items():
+
+
+def test_aircraft_variant_level_official_splits(tmp_path):
+    variants = AIRCRAFT_VARIANTS
+    write_aircraft(tmp_path)
+    for split, picks in AIRCRAFT_PICKS.items():
         loaded = load_split("aircraft", tmp_path, split)
         assert loaded.class_names == variants
         np.testing.assert_array_equal(loaded.labels, picks)
@@ -428,18 +446,26 @@ def test_stl10_binaries_match_torchvision_decoding_and_val_is_fixed(tmp_path):
     np.testing.assert_array_equal(load_split("stl10", tmp_path, "val").images, val.images)
 
 
-def test_oxford_pets_val_carved_from_trainval(tmp_path):
-    base = tmp_path / "oxford-pets" / "oxford-iiit-pet"
-    breeds = ["Abyssinian", "american_bulldog", "pug"]
+PET_BREEDS = ["Abyssinian", "american_bulldog", "pug"]
+
+
+def write_oxford_pets(root: Path) -> None:
+    """Oxford-IIIT Pets' layout: images/<breed>_<n>.jpg and annotations/{trainval,test}.txt."""
+    base = root / "oxford-pets" / "oxford-iiit-pet"
     (base / "annotations").mkdir(parents=True)
     for split, count in (("trainval", 12), ("test", 2)):
         lines = []
-        for label, breed in enumerate(breeds):
+        for label, breed in enumerate(PET_BREEDS):
             for i in range(count):
                 image_id = f"{breed}_{split}{i}"
                 write_image(base / "images" / f"{image_id}.jpg", value=10 * i + label)
-                lines.append(f"{image_id} {label + 1} {1 + (breed == breeds[0])} 1\n")
+                lines.append(f"{image_id} {label + 1} {1 + (breed == PET_BREEDS[0])} 1\n")
         (base / "annotations" / f"{split}.txt").write_text("".join(lines))
+
+
+def test_oxford_pets_val_carved_from_trainval(tmp_path):
+    breeds = PET_BREEDS
+    write_oxford_pets(tmp_path)
     train, val, test = (load_split("oxford-pets", tmp_path, split) for split in ("train", "val", "test"))
     assert train.class_names == ["Abyssinian", "American Bulldog", "Pug"]
     assert len(val) == 4 and len(train) == 32 and len(test) == 6
@@ -477,3 +503,57 @@ def test_imagefolder_class_order_is_the_union_of_all_splits(tmp_path):
     shutil.rmtree(tmp_path / "mine" / "test")
     with pytest.raises(UserError, match="missing: test"):
         load_split(f"imagefolder:{tmp_path / 'mine'}", Path("unused"), "train")
+
+
+# ---------------------------------------------------------------- the whole registry
+
+def write_octdl(root: Path) -> None:
+    write_octdl_download(root / "raw")
+    build_octdl_tree(root / "raw", root / "octdl", size=6)
+
+
+def write_stl10_parts(root: Path) -> None:
+    for part, per_class, seed in (("train", 10, 0), ("test", 1, 1)):
+        write_stl10(root / "stl10" / "stl10_binary", part, per_class, seed)
+
+
+def write_medmnist_fixture(flag: str, root: Path) -> None:
+    write_medmnist(root / "medmnist", f"{flag}_224.npz", (224, 224), classes=2)
+
+
+def write_medimeta_fixture(dataset_id: str, root: Path) -> None:
+    write_medimeta(root / "medimeta" / dataset_id, MEDIMETA_TASKS[dataset_id], channels=1, side=16)
+
+
+# name -> a writer of a tiny fixture in the dataset's real on-disk layout under a root (None: nothing to write)
+FIXTURES = {
+    "digits": None,
+    **{flag: partial(write_medmnist_fixture, flag) for flag in MEDMNIST_FLAGS},
+    **{dataset_id: partial(write_medimeta_fixture, dataset_id) for dataset_id in MEDIMETA_TASKS},
+    "octdl": write_octdl,
+    "dtd": write_dtd,
+    "aircraft": write_aircraft,
+    "stl10": write_stl10_parts,
+    "oxford-pets": write_oxford_pets,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_every_registered_dataset_loads_its_fixture(tmp_path, name):
+    """A dataset added to the registry needs a fixture here, in its real on-disk layout: it then gets the checks every
+    loader must pass (three splits, int64 labels within the declared classes, images the extraction can read)."""
+    assert name in FIXTURES, f"{name} is registered in src/data but has no fixture in FIXTURES"
+    if FIXTURES[name] is not None:
+        FIXTURES[name](tmp_path)
+    if name in MEDMNIST_FLAGS and "multi-label" in MEDMNIST_INFO[name]["task"]:
+        with pytest.raises(UserError, match="multi-label"):
+            load_split(name, tmp_path, "train")
+        return
+    for split in SPLITS:
+        loaded = load_split(name, tmp_path, split)
+        assert len(loaded) > 0 and loaded.labels.dtype == np.int64
+        assert 0 <= loaded.labels.min() and loaded.labels.max() < len(loaded.class_names)
+        if loaded.images is not None:
+            assert loaded.images.dtype == np.uint8 and loaded.images.shape[-1] in (1, 3)
+        else:
+            assert loaded.samples[0].mode == "RGB"

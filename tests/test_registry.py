@@ -195,25 +195,64 @@ class GaussianNoise(Anonymizer):
 '''
 
 
+def scratch_copy(repo: Path, module: str, source: str, registry: str, anchor: str, line: str, import_line: str) -> None:
+    """A copy of the code with one new module and its registry line (plus the line's import) after `anchor`."""
+    for name in (*STAGE_SCRIPTS, "src", "assets/configs"):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / name, repo / name)
+    (repo / module).write_text(source)
+    text = (repo / registry).read_text()
+    assert anchor in text
+    text = text.replace(anchor, anchor + line).replace("from __future__ import annotations\n",
+                                                        "from __future__ import annotations\n" + import_line, 1)
+    (repo / registry).write_text(text)
+
+
+TOY_DATASET = '''"""A toy dataset for the registry test: 3 classes of flat colour images, 8 x 8 RGB, made on the fly."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from src.data.base import DatasetOptions, ImageSplit
+
+
+def load_toy_split(root: Path, split: str, options: DatasetOptions) -> ImageSplit:
+    count = {"train": 12, "val": 6, "test": 9}[split]
+    labels = np.arange(count) % 3
+    images = np.repeat((labels * 100).astype(np.uint8)[:, None, None, None], 8 * 8 * 3).reshape(count, 8, 8, 3)
+    return ImageSplit(labels=labels, class_names=["dark", "mid", "light"], images=images, source={"name": "toy"})
+'''
+
+
+@pytest.mark.slow
+def test_a_new_dataset_is_one_module_and_one_registry_line(tmp_path):
+    """Copy the code, add a dataset and its registry line, and embed it with create_db.py."""
+    repo = tmp_path / "repo"
+    scratch_copy(repo, "src/data/toy.py", TOY_DATASET, "src/data/__init__.py", "DATASETS: dict[str, Loader] = {\n",
+                 '    "toy": load_toy_split,\n', "from src.data.toy import load_toy_split\n")
+    done = subprocess.run([sys.executable, "create_db.py", "--dataset", "toy", "--backbone", "test_vit",
+                           "--random_init", "--img_size", "32", "--device", "cpu", "--num_workers", "0",
+                           "--database_root", str(tmp_path / "db")], cwd=repo, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    for split, count in (("train", 12), ("val", 6), ("test", 9)):
+        with np.load(tmp_path / "db" / "toy" / "test_vit" / f"{split}.npz") as npz:
+            assert npz["embeddings"].shape[0] == count and np.isfinite(npz["embeddings"]).all()
+            np.testing.assert_array_equal(npz["labels"], np.arange(count) % 3)
+
+
 @pytest.mark.slow
 def test_a_new_anonymizer_is_one_module_and_one_registry_line(tmp_path):
     """Copy the code, add a Gaussian-noise anonymizer and its registry line, and run every stage on it."""
     repo = tmp_path / "repo"
-    for name in (*STAGE_SCRIPTS, "src", "assets/configs"):
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(source, repo / name)
-    (repo / "src/anonymizers/noise.py").write_text(TOY_MODULE)
-    registry = repo / "src/anonymizers/__init__.py"
-    text = registry.read_text()
-    text = text.replace('    "cvae": CVAEAnonymizer(),\n',
-                        '    "cvae": CVAEAnonymizer(),\n    "noise": GaussianNoise(),\n')
-    text = text.replace("from src.anonymizers.ksame import KSame\n",
-                        "from src.anonymizers.ksame import KSame\nfrom src.anonymizers.noise import GaussianNoise\n")
-    registry.write_text(text)  # the import and the line: the registry's one addition
+    scratch_copy(repo, "src/anonymizers/noise.py", TOY_MODULE, "src/anonymizers/__init__.py",
+                 '    "cvae": CVAEAnonymizer(),\n', '    "noise": GaussianNoise(),\n',
+                 "from src.anonymizers.noise import GaussianNoise\n")
 
     backbone = "vit_small_patch14_dinov2"
     database_root = tmp_path / "database"
