@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from src.anonymizers import add_anonymizer_options, anonymizer_settings, get_anonymizer
+from src.anonymizers import MAKING, add_anonymizer_options, anonymizer_settings, get_anonymizer
 from src.cli import ArgumentParser, run_cli
 from src.options import add_options, from_args
 from src.settings import AnonymizeSettings
@@ -22,13 +22,13 @@ from src.settings import AnonymizeSettings
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(parser, AnonymizeSettings)
-    add_anonymizer_options(parser, making=True)
+    add_anonymizer_options(parser, MAKING)
     return parser
 
 
 def parse_settings(argv: list[str] | None = None) -> AnonymizeSettings:
     args = build_parser().parse_args(argv)
-    return from_args(AnonymizeSettings, args, **anonymizer_settings(get_anonymizer(args.anonymizer), args, making=True))
+    return from_args(AnonymizeSettings, args, **anonymizer_settings(get_anonymizer(args.anonymizer), args, MAKING))
 
 
 def outputs(settings: AnonymizeSettings) -> list[Path]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from src.anonymizers import add_anonymizer_options, anonymizer_settings, get_anonymizer
+from src.anonymizers import PICKING, add_anonymizer_options, anonymizer_settings, get_anonymizer
 from src.cli import ArgumentParser, run_cli
 from src.naming import released_flag, result_paths
 from src.options import add_options, from_args
@@ -18,7 +18,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__)
     add_options(parser, ProbeSettings, skip=("sigma", "noise_units"))
     add_options(parser, ProbeTraining)
-    add_anonymizer_options(parser, making=False)
+    add_anonymizer_options(parser, PICKING)
     return parser
 
 
@@ -26,7 +26,7 @@ def parse_settings(argv: list[str] | None = None) -> ProbeSettings:
     args = build_parser().parse_args(argv)
     return from_args(ProbeSettings, args, training=from_args(ProbeTraining, args),
                      sigma=(0.0,), noise_units=("released",),
-                     **anonymizer_settings(get_anonymizer(args.anonymizer), args, making=False))
+                     **anonymizer_settings(get_anonymizer(args.anonymizer), args, PICKING))
 
 
 def outputs(settings: ProbeSettings) -> list[Path]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from src.anonymizers import add_anonymizer_options, anonymizer_settings, get_anonymizer
+from src.anonymizers import PICKING, add_anonymizer_options, anonymizer_settings, get_anonymizer
 from src.cli import ArgumentParser, run_cli
 from src.naming import released_flag, result_paths
 from src.options import add_options, from_args
@@ -23,7 +23,7 @@ def build_parser() -> ArgumentParser:
     add_options(parser, ProbeSettings)
     add_options(parser, ProbeTraining)
     parser.set_defaults(sigma=None)
-    add_anonymizer_options(parser, making=False)
+    add_anonymizer_options(parser, PICKING)
     return parser
 
 
@@ -32,7 +32,7 @@ def parse_settings(argv: list[str] | None = None) -> ProbeSettings:
     if args.sigma is None:
         build_parser().error("the following arguments are required: --sigma")
     return from_args(ProbeSettings, args, training=from_args(ProbeTraining, args),
-                     **anonymizer_settings(get_anonymizer(args.anonymizer), args, making=False))
+                     **anonymizer_settings(get_anonymizer(args.anonymizer), args, PICKING))
 
 
 def outputs(settings: ProbeSettings) -> list[Path]:

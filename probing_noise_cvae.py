@@ -1,5 +1,6 @@
 """Linear probe trained on CVAE samples drawn afresh every epoch ("online"), evaluated on
-the real test split with Gaussian noise added to its embeddings.
+the real test split with Gaussian noise added to its embeddings. The CVAE is the default and,
+so far, the only anonymizer with an online mode (`--anonymizer` offers any that declares one).
 
 Trains the CVAE on the real train split (early stopping on val) or reuses its checkpoint
 (the same one anonymize.py uses), then feeds the probe online_factor x N new samples per
@@ -12,22 +13,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from src.anonymizers.cvae import CVAEAnonymizer
+from src.anonymizers import ONLINE, add_anonymizer_options, anonymizer_settings, get_anonymizer
 from src.cli import ArgumentParser, run_cli
 from src.naming import result_paths
 from src.options import add_options, from_args
 from src.settings import ProbeSettings, ProbeTraining
 
-GENERATOR = CVAEAnonymizer()
-
-
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(parser, ProbeSettings, skip=("anonymizer",))
+    add_options(parser, ProbeSettings)
     add_options(parser, ProbeTraining)
-    parser.set_defaults(sigma=None, noise_units=["real"])  # the reference's online script: real units
-    for settings_class in (GENERATOR.Release, GENERATOR.Making, GENERATOR.Online):
-        add_options(parser.add_argument_group(f"--anonymizer {GENERATOR.name}"), settings_class)
+    parser.set_defaults(sigma=None, noise_units=["real"], anonymizer="cvae")  # the reference's online script
+    add_anonymizer_options(parser, ONLINE)
     return parser
 
 
@@ -37,12 +34,12 @@ def parse_settings(argv: list[str] | None = None) -> ProbeSettings:
     if args.sigma is None:
         parser.error("the following arguments are required: --sigma")
     return from_args(ProbeSettings, args, training=from_args(ProbeTraining, args),
-                     anonymizer=GENERATOR.name, release=from_args(GENERATOR.Release, args),
-                     making=from_args(GENERATOR.Making, args), online=from_args(GENERATOR.Online, args))
+                     **anonymizer_settings(get_anonymizer(args.anonymizer), args, ONLINE))
 
 
 def outputs(settings: ProbeSettings) -> list[Path]:
-    return list(result_paths(settings, GENERATOR.flag(settings.release, online=True), plain=False).values())
+    flag = get_anonymizer(settings.anonymizer).flag(settings.release, online=True)
+    return list(result_paths(settings, flag, plain=False).values())
 
 
 def main() -> None:

@@ -114,6 +114,14 @@ def test_a_flag_of_another_anonymizer_is_refused_and_nothing_is_written(tmp_path
     assert snapshot(tmp_path) == before and folder.is_dir()
 
 
+def test_the_online_probe_offers_only_anonymizers_with_an_online_mode(tmp_path):
+    write_databases(tmp_path)
+    before = snapshot(tmp_path)
+    result = run("probing_noise_cvae.py", *probe_args(tmp_path), "--anonymizer", "ksame", "--sigma", "1")
+    assert_one_line_error(result, "--anonymizer ksame has no online mode", "cvae")
+    assert snapshot(tmp_path) == before
+
+
 # ------------------------------------------------------------------ DataLoader workers
 
 class FailingImages(Dataset):

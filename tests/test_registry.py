@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from src.anonymizers import ANONYMIZERS, anonymizer_of_flag, shared_flags
+from src.anonymizers import ANONYMIZERS, MAKING, ONLINE, PICKING, anonymizer_of_flag, shared_flags
 from src.cli import UserError
 from src.io import STAGE_SCRIPTS, code_version, save_database
 from src.naming import database_dir
@@ -73,8 +73,8 @@ def test_example_releases_cover_every_setting():
 
 def test_shared_flags_are_declared_alike(monkeypatch):
     """A flag two anonymizers share is one flag on the command line: the registry refuses a clash."""
-    for making in (False, True):
-        shared_flags(making)  # the registry as it is: no clash
+    for parts in (PICKING, MAKING, ONLINE):
+        shared_flags(parts)  # the registry as it is: no clash
 
     @dataclasses.dataclass(frozen=True)
     class ClashingRelease:
@@ -87,7 +87,7 @@ def test_shared_flags_are_declared_alike(monkeypatch):
 
     monkeypatch.setitem(ANONYMIZERS, "clashing", Clashing())
     with pytest.raises(TypeError, match="'k' of --anonymizer clashing clashes with --anonymizer ksame"):
-        shared_flags(False)
+        shared_flags(PICKING)
 
 
 @pytest.mark.parametrize("name", list(ANONYMIZERS))

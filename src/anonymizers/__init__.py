@@ -40,19 +40,32 @@ def anonymizer_of_flag(flag: str) -> Anonymizer | None:
     return None
 
 
-def _settings_classes(anonymizer: Anonymizer, making: bool) -> list[type]:
-    """The settings classes whose fields are an anonymizer's flags in a script: Release, and Making with `making`."""
-    return [anonymizer.Release] + ([anonymizer.Making] if making else [])
+# Which of an anonymizer's settings a script takes as flags: the probes pick a release; anonymize.py also
+# says how to make it; the online probe (probing_noise_cvae.py) also how to sample, and offers only the
+# anonymizers that declare an online mode (Online settings and a `sampler`).
+PICKING = ("release",)
+MAKING = ("release", "making")
+ONLINE = ("release", "making", "online")
 
 
-def shared_flags(making: bool) -> dict[str, list[str]]:
+def _settings_classes(anonymizer: Anonymizer, parts: tuple[str, ...]) -> dict[str, type]:
+    return {part: getattr(anonymizer, part.capitalize()) for part in parts}
+
+
+def offering(parts: tuple[str, ...]) -> dict[str, Anonymizer]:
+    """The anonymizers a script with these parts offers."""
+    return {name: anonymizer for name, anonymizer in ANONYMIZERS.items()
+            if "online" not in parts or anonymizer.Online is not None}
+
+
+def shared_flags(parts: tuple[str, ...]) -> dict[str, list[str]]:
     """Flag (field) name -> the anonymizers that declare it. A flag two anonymizers share must be declared
     alike (the same spelling, kind and number of values), since the command line has one of it; each
     anonymizer keeps its own default, help and bounds. A clash is a programming error, raised here."""
     owners: dict[str, list[str]] = {}
     declared: dict[str, tuple] = {}
-    for name, anonymizer in ANONYMIZERS.items():
-        for settings_class in _settings_classes(anonymizer, making):
+    for name, anonymizer in offering(parts).items():
+        for settings_class in _settings_classes(anonymizer, parts).values():
             for f in option_fields(settings_class):
                 shape = (f.metadata["flags"], f.metadata["kind"], f.metadata["nargs"])
                 if declared.setdefault(f.name, shape) != shape:
@@ -62,27 +75,28 @@ def shared_flags(making: bool) -> dict[str, list[str]]:
     return owners
 
 
-def add_anonymizer_options(parser: argparse.ArgumentParser, making: bool) -> None:
-    """Every anonymizer's flags, a group each: the release-picking ones, and with `making` those that only
-    anonymize.py takes. argparse records only the flags given (no defaults), so a shared flag takes each
-    anonymizer's own default, and a flag of another anonymizer can be refused (`anonymizer_settings`)."""
-    owners = shared_flags(making)
-    for name, anonymizer in ANONYMIZERS.items():
+def add_anonymizer_options(parser: argparse.ArgumentParser, parts: tuple[str, ...]) -> None:
+    """The flags of every anonymizer the script offers, a group each. argparse records only the flags given
+    (no defaults), so a shared flag takes each anonymizer's own default, and a flag of another anonymizer
+    can be refused (`anonymizer_settings`)."""
+    owners = shared_flags(parts)
+    for name, anonymizer in offering(parts).items():
         group = parser.add_argument_group(f"--anonymizer {name}")
-        for settings_class in _settings_classes(anonymizer, making):
+        for settings_class in _settings_classes(anonymizer, parts).values():
             add_options(group, settings_class, skip={flag for flag, names in owners.items() if names[0] != name},
                         given_only=True)
 
 
-def anonymizer_settings(anonymizer: Anonymizer, args: argparse.Namespace, making: bool) -> dict[str, Any]:
-    """The nested settings objects of one anonymizer, built from parsed flags; a flag given that only other
-    anonymizers take is refused, so that a run never silently ignores what the user asked for."""
-    own = {f.name for settings_class in _settings_classes(anonymizer, making) for f in option_fields(settings_class)}
-    for flag, names in shared_flags(making).items():
+def anonymizer_settings(anonymizer: Anonymizer, args: argparse.Namespace, parts: tuple[str, ...]) -> dict[str, Any]:
+    """The nested settings objects of one anonymizer (by part), built from parsed flags; a flag given that only
+    other anonymizers take is refused, so that a run never silently ignores what the user asked for."""
+    if anonymizer.name not in offering(parts):
+        raise UserError(f"--anonymizer {anonymizer.name} has no online mode; choose one of "
+                        f"{', '.join(offering(parts))}")
+    classes = _settings_classes(anonymizer, parts)
+    own = {f.name for settings_class in classes.values() for f in option_fields(settings_class)}
+    for flag, names in shared_flags(parts).items():
         if hasattr(args, flag) and flag not in own:
             raise UserError(f"--{flag} does not apply to --anonymizer {anonymizer.name}: it is a flag of "
                             f"--anonymizer {' and '.join(names)}; drop it or choose that anonymizer")
-    settings = {"release": from_args(anonymizer.Release, args)}
-    if making:
-        settings["making"] = from_args(anonymizer.Making, args)
-    return settings
+    return {part: from_args(settings_class, args) for part, settings_class in classes.items()}

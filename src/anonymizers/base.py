@@ -65,7 +65,8 @@ class Anonymizer:
     name: ClassVar[str]
     Release: ClassVar[type] = NoSettings
     Making: ClassVar[type] = NoSettings
-    Online: ClassVar[type | None] = None  # settings of an online mode (fresh samples each probe epoch), if any
+    # An online mode (fresh samples each probe epoch, probing_noise_cvae.py): its settings and `sampler`. None: none.
+    Online: ClassVar[type | None] = None
     seeded: ClassVar[bool] = False  # whether a release depends on --seed (and so its name carries it)
     makes_releases: ClassVar[bool] = True  # False for the real set itself
     needs_val: ClassVar[bool] = False  # whether making a release reads the val split
@@ -152,6 +153,12 @@ class Anonymizer:
         return f"train_{self.flag(release)}" + (f"-s{seed}" if self.seeded else "") + ".npz"
 
     def make(self, inputs: ReleaseInputs, release: Any, making: Any, seed: int, device: Any) -> Release:
+        raise NotImplementedError
+
+    def sampler(self, inputs: ReleaseInputs, release: Any, making: Any, online: Any, seed: int,
+                device: Any) -> tuple[Any, dict, dict]:
+        """With an online mode: `epoch -> (x, y)` fresh samples each epoch, what identifies it for a probe
+        checkpoint, and what results record about its training."""
         raise NotImplementedError
 
     def column_order(self, flag: str) -> tuple:

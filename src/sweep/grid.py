@@ -126,9 +126,9 @@ def expand(config: SweepConfig, results_dir: Path) -> list[Point]:
                     label = flag.removeprefix(grid.anonymizer.name + ONLINE_SUFFIX + "-")
                     points.append(make_point(
                         f"online-{safe}-{label}-s{seed}", "probe",
-                        ["probing_noise_cvae.py", *base, *args, "--sigma", *map(flag_value, config.sigmas),
-                         "--noise_units", *config.noise_units, "--seed", str(seed), *results, *probe_args,
-                         *device, *stores],
+                        ["probing_noise_cvae.py", *base, "--anonymizer", grid.anonymizer.name, *args,
+                         "--sigma", *map(flag_value, config.sigmas), "--noise_units", *config.noise_units,
+                         "--seed", str(seed), *results, *probe_args, *device, *stores],
                         made.get((grid.anonymizer.name, seed), [])))
     return sorted(points, key=lambda point: STAGES.index(point.stage))  # stable: config order within a stage
 
