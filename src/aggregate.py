@@ -27,13 +27,12 @@ import numpy as np
 from src.anonymizers import ANONYMIZERS, anonymizer_of_flag
 from src.cli import ArgumentParser, UserError, run_cli
 from src.io import atomic_path
-from src.result_keys import EXTRA_PRIVACY_KEYS, FIDELITY_KEYS, PAPER_KEYS
+from src.metric_registry import KNOWN, METRICS as REGISTERED, PAPER, table_metrics
 from src.naming import parse_result_name
-TABLE_METRICS = PAPER_KEYS  # the paper's utility + privacy
-# the privacy and fidelity metrics users of synthcity / SDMetrics know, in a table of their own
-KNOWN_METRICS = (*EXTRA_PRIVACY_KEYS, *FIDELITY_KEYS, "dp_spent_epsilon")
-METRICS = (*TABLE_METRICS, "accuracy", "balanced_accuracy", "share_closer_than_real_nn",
-           "average_mindistance_reference_space", *KNOWN_METRICS)
+
+TABLE_METRICS = table_metrics(PAPER)  # the paper's utility + privacy
+KNOWN_METRICS = table_metrics(KNOWN)  # the metrics users of synthcity / SDMetrics know, in a table of their own
+METRICS = tuple(metric.name for metric in REGISTERED)  # every metric summary.csv holds
 PRIVACY_AXES = ("average_mindistance", "mia_auc")  # y axes of the privacy-utility plot
 STD_NOTE = "mean ± sample std (ddof=1) over seeds; n = number of seeds when not all cells have the same"
 

@@ -3,9 +3,9 @@
 Utility: AUROC (the paper's number), accuracy and balanced accuracy, all in percent,
 written out in numpy so their tie handling is visible (average ranks, as sklearn).
 
-Privacy and fidelity: distances between released vectors and the real ones, in the real
-train z-score space, and the metrics users know from synthcity, SDMetrics, prdc and DOMIAS
-computed exactly on them. Neighbours are found in blocks on the device, so no N x M matrix
+Privacy and fidelity: the neighbour distances between released vectors and the real ones, in
+the real train z-score space, from which every release metric of src.metric_registry follows
+exactly. Neighbours are found in blocks on the device, so no N x M matrix
 is ever held whole; the distances that decide a result are then recomputed directly, because
 the matmul form |a|^2 + |b|^2 - 2ab loses the exact zero of a copied record to float32 cancellation.
 """
@@ -17,30 +17,7 @@ import numpy as np
 import torch
 
 from src.cli import UserError
-from src.result_keys import EXTRA_PRIVACY_KEYS, FIDELITY_KEYS  # noqa: F401 (what privacy_metrics adds)
-
-
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..N, tied values sharing the mean of their ranks."""
-    order = np.argsort(values, kind="mergesort")
-    sorted_values = values[order]
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    ends = np.r_[starts[1:], len(values)]
-    mean_rank_per_group = (starts + ends + 1) / 2.0  # mean of the 1-based ranks starts+1 .. ends
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = np.repeat(mean_rank_per_group, ends - starts)
-    return ranks
-
-
-def binary_auroc(positive: np.ndarray, scores: np.ndarray) -> float:
-    """AUC in percent: the chance a positive outscores a negative, ties counting one half."""
-    positive = np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUROC needs both positive and negative samples")
-    ranks = average_ranks(np.asarray(scores, dtype=np.float64))
-    mann_whitney_u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
-    return 100.0 * mann_whitney_u / (n_pos * n_neg)
+from src.metric_registry import METRICS, ReleaseNeighbours, binary_auroc
 
 
 def auroc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -194,79 +171,35 @@ def check_sizes(released: object, real_train: object, real_test: object, real_va
                      for split, rows in (("train", real_train), ("test", real_test), ("val", real_val))}})
 
 
-def privacy_metrics(released: torch.Tensor, real_train: torch.Tensor, real_test: torch.Tensor,
-                    real_val: torch.Tensor, seed: int, block_size: int = 4096) -> dict[str, float]:
-    """How close the released set sits to the real records, and how faithful it is to them.
-
-    All inputs are z-scored with the real train statistics. Shares and AUCs are in percent.
-
-    - average_mindistance: mean distance of a released vector to its closest real train vector.
-    - dcr_p5, dcr_p50: 5th and 50th percentiles of that distance to closest record (DCR).
-    - share_closer_than_real_nn: percent of released vectors closer to a real train vector than
-      the median real train vector is to its nearest other real train vector.
-    - real_nn_p50: that median real-to-real distance, the yardstick for the DCRs.
-    - mia_auc: a membership attack that calls a record a member when a released vector lies close
-      to it; AUC in percent of real train (members) vs real test (non-members), 50 = no signal.
-    - exact_copy_share: percent of released vectors at distance exactly 0 from a real train vector,
-      i.e. equal to it element by element in float32 (the DCR is recomputed directly, so a copy stays at 0).
-    - identifiability: percent of real train records whose nearest released vector is strictly closer than
-      their nearest other real train record. This is synthcity's IdentifiabilityScore "score" (not its default
-      "score_OC", which first maps records through a one-class network) in percent; synthcity's code
-      computes entropy weights per column but then sets them all to 1, so its score is this unweighted one.
-      As there, the nearest other real record of a record with a twin is the twin, at distance 0.
-    - dcr_holdout_share: percent of released vectors strictly closer to real train than to a real holdout
-      (the test split) of the same size; the larger of the two is subsampled without replacement with
-      `seed`. SDMetrics' DCROverfittingProtection "closer_to_training" in percent, ties counted as closer
-      to the holdout as there; 50 = no overfitting. (SDMetrics keeps the whole train set; equal sizes
-      make 50 the no-overfitting value whatever the split sizes.)
-    - precision, recall, coverage (percent) and density (a ratio, above 1 when released vectors crowd
-      where real ones are dense): Naeem et al. 2020 against real train with k = 5, exactly as their prdc
-      code: a point is inside a set's manifold when strictly closer to one of its members than that
-      member's 5th nearest other member.
-    - mia_auc_density: a DOMIAS-style density-ratio attack (van Breugel et al. 2023), real val as its
-      reference set. A record scores s = log(5-NN distance to real val) - log(5-NN distance to the release);
-      the k-NN density estimate k / (n c_d r^d) makes the log ratio of release to real density d * s + const,
-      so s ranks records as that ratio does. AUC in percent of real train (members) vs real test, 50 = no
-      signal. DOMIAS fits KDE or flow densities and has no k; k = 5 as prdc.
-
-    Every set needs at least MIN_SPLIT_ROWS rows, else UserError.
-    """
-    check_sizes(released, real_train, real_test, real_val)
+def release_neighbours(released: torch.Tensor, real_train: torch.Tensor, real_test: torch.Tensor,
+                       real_val: torch.Tensor, seed: int, block_size: int = 4096) -> ReleaseNeighbours:
+    """The neighbour distances every release metric reads (see ReleaseNeighbours), each search run once. The
+    train-holdout comparison subsamples the larger of real train and real test to the smaller's size without
+    replacement, with `seed`, so that 50 % means no overfitting whatever the split sizes."""
     k = NEIGHBOURS
-    dcr = neighbour_distances(released, real_train, 1, block_size)[:, 0].astype(np.float64)
     real_nn = neighbour_distances(real_train, real_train, k, block_size, exclude_self=True)
     released_nn = neighbour_distances(released, released, k, block_size, exclude_self=True)
-    member_nn, non_member_nn = (neighbour_distances(rows, released, k, block_size) for rows in (real_train, real_test))
-    member_val_nn, non_member_val_nn = (neighbour_distances(rows, real_val, k, block_size)
-                                        for rows in (real_train, real_test))
-    real_nn_median = float(np.median(real_nn[:, 0]))
-    is_member = np.r_[np.ones(len(real_train), bool), np.zeros(len(real_test), bool)]
-
+    dcr = neighbour_distances(released, real_train, 1, block_size)[:, 0].astype(np.float64)
     holdout_size = min(len(real_train), len(real_test))
     holdout_train, holdout = (random_rows(rows, holdout_size, seed) for rows in (real_train, real_test))
-    dcr_train = (dcr if holdout_train is real_train
-                 else neighbour_distances(released, holdout_train, 1, block_size)[:, 0])
-    dcr_holdout = neighbour_distances(released, holdout, 1, block_size)[:, 0]
-
     real_radii, released_radii = (torch.from_numpy(nn[:, -1]).to(released.device) for nn in (real_nn, released_nn))
-    real_hits = count_within_radius(released, real_train, real_radii, block_size).cpu().numpy()
-    released_hits = count_within_radius(real_train, released, released_radii, block_size).cpu().numpy()
-    with np.errstate(divide="ignore"):  # a k-NN distance of 0 (k copies of a record) scores +-inf, still ranked
-        log_density_ratio = (np.log(np.r_[member_val_nn[:, -1], non_member_val_nn[:, -1]].astype(np.float64))
-                             - np.log(np.r_[member_nn[:, -1], non_member_nn[:, -1]].astype(np.float64)))
-    return {
-        "average_mindistance": float(dcr.mean()),
-        "dcr_p5": float(np.percentile(dcr, 5)),
-        "dcr_p50": float(np.percentile(dcr, 50)),
-        "share_closer_than_real_nn": 100.0 * float(np.mean(dcr < real_nn_median)),
-        "real_nn_p50": real_nn_median,
-        "mia_auc": binary_auroc(is_member, -np.r_[member_nn[:, 0], non_member_nn[:, 0]]),
-        "exact_copy_share": 100.0 * float(np.mean(dcr == 0.0)),
-        "identifiability": 100.0 * float(np.mean(member_nn[:, 0] < real_nn[:, 0])),
-        "dcr_holdout_share": 100.0 * float(np.mean(dcr_train < dcr_holdout)),
-        "precision": 100.0 * float(np.mean(real_hits > 0)),
-        "recall": 100.0 * float(np.mean(released_hits > 0)),
-        "density": float(real_hits.mean()) / k,
-        "coverage": 100.0 * float(np.mean(member_nn[:, 0] < real_nn[:, -1])),
-        "mia_auc_density": binary_auroc(is_member, log_density_ratio),
-    }
+    return ReleaseNeighbours(
+        k=k, dcr=dcr, real_nn=real_nn,
+        member_nn=neighbour_distances(real_train, released, k, block_size),
+        non_member_nn=neighbour_distances(real_test, released, k, block_size),
+        member_val_nn=neighbour_distances(real_train, real_val, k, block_size),
+        non_member_val_nn=neighbour_distances(real_test, real_val, k, block_size),
+        dcr_train=dcr if holdout_train is real_train else neighbour_distances(released, holdout_train, 1,
+                                                                             block_size)[:, 0],
+        dcr_holdout=neighbour_distances(released, holdout, 1, block_size)[:, 0],
+        real_hits=count_within_radius(released, real_train, real_radii, block_size).cpu().numpy(),
+        released_hits=count_within_radius(real_train, released, released_radii, block_size).cpu().numpy())
+
+
+def privacy_metrics(released: torch.Tensor, real_train: torch.Tensor, real_test: torch.Tensor,
+                    real_val: torch.Tensor, seed: int, block_size: int = 4096) -> dict[str, float]:
+    """Every release metric of the registry (src.metric_registry.METRICS), from inputs z-scored with the real
+    train statistics. Every set needs at least MIN_SPLIT_ROWS rows, else UserError."""
+    check_sizes(released, real_train, real_test, real_val)
+    neighbours = release_neighbours(released, real_train, real_test, real_val, seed, block_size)
+    return {metric.name: metric.compute(neighbours) for metric in METRICS if metric.compute is not None}

@@ -195,20 +195,33 @@ class GaussianNoise(Anonymizer):
 '''
 
 
-def scratch_copy(repo: Path, module: str, source: str, registry: str, anchor: str, line: str, import_line: str) -> None:
-    """A copy of the code with one new module and its registry line (plus the line's import) after `anchor`."""
+def copy_code(repo: Path) -> None:
+    """A scratch copy of the scripts, src/ and the configs."""
     for name in (*STAGE_SCRIPTS, "src", "assets/configs"):
         if (REPO / name).is_dir():
             shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / name, repo / name)
+
+
+def add_module(repo: Path, module: str, source: str, registry: str, anchor: str, line: str, import_line: str) -> None:
+    """One new module in the copy, and its registry line (plus the line's import) after `anchor`."""
     (repo / module).write_text(source)
     text = (repo / registry).read_text()
     assert anchor in text
     text = text.replace(anchor, anchor + line).replace("from __future__ import annotations\n",
                                                         "from __future__ import annotations\n" + import_line, 1)
     (repo / registry).write_text(text)
+
+
+TOY_METRIC = '''"""A toy metric for the registry test: the spread of the distances to closest record."""
+from __future__ import annotations
+
+
+def dcr_spread(neighbours) -> float:
+    return float(neighbours.dcr.std())
+'''
 
 
 TOY_DATASET = '''"""A toy dataset for the registry test: 3 classes of flat colour images, 8 x 8 RGB, made on the fly."""
@@ -233,7 +246,8 @@ def load_toy_split(root: Path, split: str, options: DatasetOptions) -> ImageSpli
 def test_a_new_dataset_is_one_module_and_one_registry_line(tmp_path):
     """Copy the code, add a dataset and its registry line, and embed it with create_db.py."""
     repo = tmp_path / "repo"
-    scratch_copy(repo, "src/data/toy.py", TOY_DATASET, "src/data/__init__.py", "DATASETS: dict[str, Loader] = {\n",
+    copy_code(repo)
+    add_module(repo, "src/data/toy.py", TOY_DATASET, "src/data/__init__.py", "DATASETS: dict[str, Loader] = {\n",
                  '    "toy": load_toy_split,\n', "from src.data.toy import load_toy_split\n")
     done = subprocess.run([sys.executable, "create_db.py", "--dataset", "toy", "--backbone", "test_vit",
                            "--random_init", "--img_size", "32", "--device", "cpu", "--num_workers", "0",
@@ -248,11 +262,16 @@ def test_a_new_dataset_is_one_module_and_one_registry_line(tmp_path):
 
 @pytest.mark.slow
 def test_a_new_anonymizer_is_one_module_and_one_registry_line(tmp_path):
-    """Copy the code, add a Gaussian-noise anonymizer and its registry line, and run every stage on it."""
+    """Copy the code, add a Gaussian-noise anonymizer and a metric, each with its registry line, and run every
+    stage, the sweep and the tables on them."""
     repo = tmp_path / "repo"
-    scratch_copy(repo, "src/anonymizers/noise.py", TOY_MODULE, "src/anonymizers/__init__.py",
-                 '    "cvae": CVAEAnonymizer(),\n', '    "noise": GaussianNoise(),\n',
-                 "from src.anonymizers.noise import GaussianNoise\n")
+    copy_code(repo)
+    add_module(repo, "src/anonymizers/noise.py", TOY_MODULE, "src/anonymizers/__init__.py",
+               '    "cvae": CVAEAnonymizer(),\n', '    "noise": GaussianNoise(),\n',
+               "from src.anonymizers.noise import GaussianNoise\n")
+    add_module(repo, "src/dcr_spread.py", TOY_METRIC, "src/metric_registry.py",
+               '    Metric("coverage", KNOWN, coverage),\n', '    Metric("dcr_spread", KNOWN, dcr_spread),\n',
+               "from src.dcr_spread import dcr_spread\n")
 
     backbone = "vit_small_patch14_dinov2"
     database_root = tmp_path / "database"
@@ -295,8 +314,13 @@ def test_a_new_anonymizer_is_one_module_and_one_registry_line(tmp_path):
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(config))
     done = run("-m", "src.sweep", str(tmp_path / "toy.yaml"), "--jobs", "2")
     assert "| noise-1 |" in done.stdout and "| noise-2 |" in done.stdout and "| ksame-3 |" in done.stdout
-    table = (tmp_path / "sweeps/sweeps/toy/tables/auc_sigma-2-real.md").read_text().splitlines()
-    assert table[0] == "| dataset | identity | ksame-3 | noise-1 | noise-2 |"
+    tables = tmp_path / "sweeps/sweeps/toy/tables"
+    header = "| dataset | identity | ksame-3 | noise-1 | noise-2 |"
+    assert (tables / "auc_sigma-2-real.md").read_text().splitlines()[0] == header
+    known = next(line for line in done.stdout.splitlines() if line.startswith("| anonymizer | exact_copy_share"))
+    assert known.endswith("| coverage | dcr_spread |")  # the new metric, in its table and the registry's order
+    spread = (tables / "dcr_spread_sigma-0.md").read_text().splitlines()
+    assert spread[0] == header and spread[2].startswith("| digits | 0.000 ± 0.000 |")  # identity: every DCR is 0
 
 
 def settings_classes() -> list[type]:
