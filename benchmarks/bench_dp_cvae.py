@@ -26,7 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_cvae import DIM, NUM_CLASSES, gaussian_mixture  # noqa: E402  (benchmarks/, next to this script)
 from src.cvae import CVAE, CVAEConfig, batch_loss, train_cvae  # noqa: E402
-from src.dp_cvae import DPSettings, clipped_gradient_sum, train_cvae_dp  # noqa: E402
+from src.anonymizers.cvae import CVAEMaking, CVAERelease  # noqa: E402
+from src.dp_cvae import clipped_gradient_sum, train_cvae_dp  # noqa: E402
 from src.runtime import resolve_device  # noqa: E402
 from timing import race  # noqa: E402
 
@@ -65,16 +66,16 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="Full backward hook")  # opacus's hooks on input-free layers
     device = resolve_device(args.device)
     config = CVAEConfig(max_epochs=args.epochs, patience=args.epochs + 1)
-    dp = DPSettings(epsilon=1.0, epochs=args.epochs)
+    dp = (CVAERelease(dp_epsilon=1.0), CVAEMaking(dp_epochs=args.epochs, dp_seeded_noise_not_private=True))
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, N={args.size}, "
           f"D={DIM}, {NUM_CLASSES} classes, batch {config.batch_size}, {args.epochs} epochs, "
           f"fastest of {args.repeats} runs")
 
     train_x, train_y = gaussian_mixture(args.size, seed=0)
     val_x, val_y = gaussian_mixture(64, seed=1)
-    train_cvae_dp(train_x, train_y, NUM_CLASSES, config, dp, device, seed=0)  # warm-up, caches the calibration
+    train_cvae_dp(train_x, train_y, NUM_CLASSES, config, *dp, device, seed=0)  # warm-up, caches the calibration
     training = race({
-        "dp": lambda: train_cvae_dp(train_x, train_y, NUM_CLASSES, config, dp, device, 0),
+        "dp": lambda: train_cvae_dp(train_x, train_y, NUM_CLASSES, config, *dp, device, 0),
         "non-dp": lambda: train_cvae(train_x, train_y, val_x, val_y, NUM_CLASSES, config, device, 0),
     }, device, args.repeats)
     dp_s, plain_s = training["dp"][0] / args.epochs, training["non-dp"][0] / args.epochs
@@ -87,8 +88,8 @@ def main() -> None:
     onehot = F.one_hot(torch.as_tensor(train_y[:config.batch_size], device=device), NUM_CLASSES).float()
     noise = torch.randn(config.batch_size, config.latent_dim, device=device, generator=generator)
     step = race({
-        "ghost": lambda: clipped_gradient_sum(model, x, onehot, noise, config, dp.max_grad_norm),
-        "opacus": lambda: opacus_clipped_sum(model, x, onehot, noise, config, dp.max_grad_norm),
+        "ghost": lambda: clipped_gradient_sum(model, x, onehot, noise, config, dp[1].max_grad_norm),
+        "opacus": lambda: opacus_clipped_sum(model, x, onehot, noise, config, dp[1].max_grad_norm),
     }, device, args.repeats)
     (ghost_s, ghost), (opacus_s, materialised) = step["ghost"], step["opacus"]
     difference = max((ghost[p] - materialised[p]).abs().max().item() for p in model.parameters())

@@ -25,8 +25,9 @@ from typing import Iterable
 import numpy as np
 
 from src.anonymizers import ANONYMIZERS, anonymizer_of_flag
-from src.cli import ArgumentParser, UserError, run_cli
+from src.cli import ArgumentParser, UserError, check_finite, run_cli
 from src.io import atomic_path
+from src.ledger import ADJACENCY, split_ledger
 from src.metric_registry import KNOWN, METRICS as REGISTERED, PAPER, table_metrics
 from src.naming import parse_result_name
 
@@ -50,6 +51,7 @@ class Result:
     metrics: dict[str, float]
     plain: bool  # written by the no-noise probe (file name without _sigma-)
     code_version: str
+    dp: dict | None = None  # a DP release's accounting (src.ledger's format), None for the others
 
 
 @dataclass(frozen=True)
@@ -99,9 +101,11 @@ def load_results(paths: Iterable[Path]) -> list[Result]:
         metrics = {name: float(payload[name]) for name in METRICS
                    if isinstance(payload.get(name), (int, float)) and not isinstance(payload[name], bool)}
         units = payload.get("noise_units") or name["units"] or "released"
+        dp = payload.get("dp")
         result = Result(path, name["dataset"], name["anonymizer"].column_label(name["flag"]), name["sigma"],
                         units if name["sigma"] > 0 else "released", name["seed"], metrics, plain=name["plain"],
-                        code_version=str(payload.get("code_version", "unrecorded")))
+                        code_version=str(payload.get("code_version", "unrecorded")),
+                        dp=dp if isinstance(dp, dict) and "mechanisms" in dp else None)
         key = (result.dataset, result.anonymizer, result.sigma, result.units, result.seed)
         other = chosen.get(key)
         if other is not None and other.plain == result.plain:
@@ -336,8 +340,27 @@ def save_figure(figure, path: Path) -> Path:
     return path
 
 
-def aggregate(paths: Iterable[Path], out_dir: Path) -> str:
-    """Tables, summary, report and figures for the given result files; returns the report."""
+def privacy_ledger(results: list[Result], warn_epsilon: float | None) -> tuple[str, list[str]]:
+    """The report's ledger: the DP releases of each dataset's train split (each release once, however many
+    probes read it), composed by src.ledger; and a warning line for each split past `warn_epsilon`."""
+    releases: dict[str, dict[tuple[str, int], dict]] = {}
+    for result in results:
+        if result.dp is not None:
+            releases.setdefault(f"{result.dataset} train", {})[(result.anonymizer, result.seed)] = result.dp
+    if not releases:
+        return "", []
+    table, warnings_ = split_ledger({split: [(f"{label}-s{seed}", dp) for (label, seed), dp in named.items()]
+                                     for split, named in releases.items()}, warn_epsilon)
+    text = f"### Privacy ledger: DP releases composed per private split\n\nRelation: {ADJACENCY}.\n\n{table}\n"
+    if any("NOT PRIVATE" in dp.get("noise", "") for named in releases.values() for dp in named.values()):
+        text += ("\nSome DP releases here seeded their noise from --seed (--dp_seeded_noise_not_private): they are "
+                 "reproducible but NOT private. A real release leaves that flag out.\n")
+    return text, warnings_
+
+
+def aggregate(paths: Iterable[Path], out_dir: Path, warn_epsilon: float | None = None) -> str:
+    """Tables, summary, report and figures for the given result files; returns the report. `warn_epsilon`:
+    warn when one split's DP releases compose past it."""
     results = load_results(paths)
     cells = summarise(results)
     if not cells:
@@ -350,9 +373,12 @@ def aggregate(paths: Iterable[Path], out_dir: Path) -> str:
             for text, suffix in zip(metric_tables(cells, metric, sigma, units), ("md", "csv", "tex")):
                 write_text(out_dir / f"{name}.{suffix}", text)
     write_text(out_dir / "summary.csv", summary_csv(cells))
-    text = report(cells) + (f"\n{warning}\n" if warning else "")
-    if warning:
-        print(warning, file=sys.stderr)
+    ledger, ledger_warnings = privacy_ledger(results, warn_epsilon)
+    text = report(cells) + (f"\n{ledger}" if ledger else "") + "".join(f"\n{line}\n" for line in
+                                                                      [warning, *ledger_warnings] if line)
+    for line in [warning, *ledger_warnings]:
+        if line:
+            print(line, file=sys.stderr)
     write_text(out_dir / "report.md", text)
     plot_figures(cells, out_dir)
     return text
@@ -363,9 +389,13 @@ def main() -> None:
     parser.add_argument("results_dir", type=Path, help="folder the probe scripts wrote their JSON files to")
     parser.add_argument("--out", type=Path, default=None,
                         help="where tables and figures go (default RESULTS_DIR/tables)")
+    parser.add_argument("--warn_epsilon", type=float, default=None,
+                        help="warn when one split's DP releases compose past this epsilon")
     args = parser.parse_args()
+    if args.warn_epsilon is not None:
+        check_finite("--warn_epsilon", args.warn_epsilon, above=0)
     out_dir = args.out if args.out is not None else args.results_dir / "tables"
-    print(aggregate(find_results(args.results_dir), out_dir))
+    print(aggregate(find_results(args.results_dir), out_dir, args.warn_epsilon))
     print(f"tables and figures in {out_dir}")
 
 

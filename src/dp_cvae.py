@@ -1,25 +1,23 @@
 """Differentially private CVAE: DP-SGD training whose (epsilon, delta) covers every use of the private data.
 
-The CVAE, its loss and its generation are those of src/cvae.py; this module changes only
-what touches the private training set (add/remove-one adjacency, the setting of opacus's accountant):
+The guarantee is for one neighbouring relation, add or remove one record (`src.ledger.ADJACENCY`), and
+nothing in a release depends on the private data except through the accounted mechanisms, N included:
 
-- Gradients: DP-SGD. Each step draws a Poisson batch (every record independently with rate
-  q = 1 / ceil(N / batch_size), the sampling the accountant assumes), clips each record's gradient
-  to L2 norm C, sums, adds N(0, (sigma C)^2) noise and divides by the expected batch size q N.
-  sigma is calibrated with opacus's RDP accountant for exactly the steps that are run
-  (epochs x ceil(N / batch_size)), and the accountant's epsilon after training is recorded.
-- Scaling: the decoder's sigmoid range [0, 1] is mapped onto fixed public bounds (`DPSettings.bounds`,
-  the same for every feature), and embeddings are clipped to them: nothing is fitted to the data.
-- Class counts for generation: a Laplace histogram with a stated share of epsilon (pure DP, added to
-  the DP-SGD epsilon by basic composition), or uniform when the share is 0.
-- No early stopping or model selection: a fixed number of epochs. A validation loss may be computed
-  after training (`evaluate_loss`) for reporting; it is not part of the release.
+- Class counts: a Laplace histogram (L1 sensitivity 1) with a share of epsilon (`--dp_count_share`, > 0).
+  Its noisy counts set the release's size and class counts, and their total N~ stands in for N wherever
+  the training needs a size: the Poisson rate q = batch_size / N~, the steps epochs x ceil(N~ / batch_size),
+  the gradient divisor (the expected batch q N~ = batch_size) and the default delta.
+- Gradients: DP-SGD. Each step draws a Poisson batch at rate q, clips each record's gradient to L2 norm C,
+  sums, adds N(0, (sigma C)^2) noise and divides by the public batch size. sigma is calibrated by opacus's
+  RDP accountant for exactly the steps run, to the epsilon the histogram leaves.
+- Scaling: the decoder's [0, 1] is mapped onto fixed public bounds (`--dp_bounds`), and embeddings are
+  clipped to them; how many were clipped is not recorded. A non-finite record is refused before training.
+- No early stopping or model selection on private data: a fixed number of epochs.
+- Noise: from OS entropy that is never stored, unless `--dp_seeded_noise_not_private` seeds it from --seed
+  (reproducible runs; anyone who knows the seed can regenerate the noise, so such a release is not private).
 
-The dataset size N is treated as public, as in opacus (it sets q) and in the non-DP synthetic set size.
-Noise comes from torch's and numpy's ordinary generators, not a cryptographic source (opacus's default too).
-By default they are seeded from the run's seed, so experiments are reproducible; but whoever knows
-that seed can regenerate the noise and the guarantee is void against them. A real release sets
-`secret_noise`: the noise is then seeded from OS entropy that is never stored.
+The recorded spent epsilon is `src.ledger.spent_epsilon` of the mechanisms run, the same function that
+composes all releases of a split in the ledger.
 
 Per-sample clipping uses the closed form for Linear layers applied to one row per record
 ("ghost clipping"): a layer with input a_i and output gradient b_i has per-record weight gradient
@@ -33,7 +31,6 @@ import math
 import secrets
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
 
@@ -41,62 +38,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from src.anonymizers.cvae import CVAEMaking, CVAERelease
 from src.cli import UserError
-from src.defaults import DEFAULT_COUNT_SHARE, DEFAULT_DP_BOUNDS, DEFAULT_DP_EPOCHS, DEFAULT_MAX_GRAD_NORM
-from src.cvae import CVAE, CVAEBundle, CVAEConfig, MinMaxScaler, batch_loss, proportional_counts, scaled_tensors
+from src.cvae import CVAE, CVAEBundle, CVAEConfig, MinMaxScaler, batch_loss, scaled_tensors
+from src.ledger import ADJACENCY, spent_epsilon
 from src.runtime import one_cpu_thread, seed_everything
 
 ACCOUNTANT = "rdp"
 INSTALL_HINT = "differentially private training needs opacus: pip install opacus"
 
 
-@dataclass(frozen=True)
-class DPSettings:
-    """Budget and mechanism settings of a DP-CVAE run, checked on construction (flag names in messages).
-
-    delta None means `default_delta(N)`. count_share is the share of epsilon spent on the class
-    histogram (0 means uniform class counts at no cost); the rest goes to DP-SGD. secret_noise
-    draws the privacy noise from unrecorded OS entropy instead of the run's seed.
-    """
-
-    epsilon: float
-    delta: float | None = None
-    max_grad_norm: float = DEFAULT_MAX_GRAD_NORM
-    epochs: int = DEFAULT_DP_EPOCHS
-    bounds: tuple[float, float] = DEFAULT_DP_BOUNDS
-    count_share: float = DEFAULT_COUNT_SHARE
-    secret_noise: bool = False
-
-    def __post_init__(self):
-        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise UserError(f"--dp_epsilon {self.epsilon}: the privacy budget must be a positive number")
-        if self.delta is not None and not 0 < self.delta < 1:
-            raise UserError(f"--dp_delta {self.delta}: delta must lie strictly between 0 and 1 "
-                            "(leave it out for 1/N rounded down to a power of ten)")
-        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
-            raise UserError(f"--max_grad_norm {self.max_grad_norm}: the clipping norm must be positive")
-        if self.epochs < 1:
-            raise UserError(f"--dp_epochs {self.epochs}: train at least one epoch")
-        low, high = self.bounds
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise UserError(f"--dp_bounds {low} {high}: give two finite numbers, LOW below HIGH")
-        if not 0 <= self.count_share < 1:
-            raise UserError(f"--dp_count_share {self.count_share}: the class-count share of epsilon must lie "
-                            "in [0, 1) (0 for uniform class counts)")
-
-    def delta_for(self, num_samples: int) -> float:
-        """The delta of a run on `num_samples` records: the given one, which must be below 1/N, or the default."""
-        if self.delta is None:
-            return default_delta(num_samples)
-        if self.delta >= 1 / num_samples:
-            raise UserError(f"--dp_delta {self.delta}: delta must be below 1/N = {1 / num_samples:.3g} for "
-                            f"N = {num_samples} training records, or a single record could be released")
-        return self.delta
+# The default delta is 1 / (10 N+) rounded down to a power of ten, where N+ is the noisy total plus a bound
+# its Laplace noise exceeds with probability at most DELTA_COUNT_MISS (a union bound over the classes):
+# so delta <= 1 / (10 N) except with that probability, and computed from the accounted count alone.
+DELTA_COUNT_MISS = 1e-6
 
 
-def default_delta(num_samples: int) -> float:
-    """1/N rounded down to a power of ten, and strictly below 1/N (N = 1078 gives 1e-4, N = 1000 gives 1e-4)."""
-    return 10.0 ** -len(str(num_samples))
+def default_delta(noisy_total: float, num_classes: int, count_epsilon: float) -> float:
+    """1 / (10 N+) rounded down to a power of ten, N+ = the noisy total plus the largest Laplace error (scale
+    1/count_epsilon on each of the class counts) to expect except with probability DELTA_COUNT_MISS."""
+    margin = num_classes / count_epsilon * math.log(num_classes / DELTA_COUNT_MISS)
+    return 10.0 ** -math.ceil(math.log10(10 * max(noisy_total + margin, 1.0)))
 
 
 def require_opacus() -> None:
@@ -114,19 +76,16 @@ def public_scaler(bounds: tuple[float, float], dim: int, device: torch.device) -
                         span=torch.full((dim,), float(high - low), device=device))
 
 
-def dp_class_counts(train_labels: np.ndarray, num_classes: int, epsilon: float, total: int,
-                    rng: np.random.Generator) -> np.ndarray:
-    """`total` samples split over the classes by an epsilon-DP histogram (uniformly when epsilon is 0).
+def dp_class_counts(train_labels: np.ndarray, num_classes: int, epsilon: float,
+                    rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """The release's class counts from an epsilon-DP histogram, and the histogram's noisy total.
 
     Adding or removing one record changes one count by 1 (L1 sensitivity 1), so Laplace noise of
-    scale 1/epsilon on each count is epsilon-DP; clipping at 0 and the proportional split are
-    post-processing. Call it once per release: every call spends epsilon again.
+    scale 1/epsilon on each count is epsilon-DP; rounding and clipping at 0 are post-processing.
+    Call it once per release: every call spends epsilon again.
     """
-    if epsilon == 0:
-        return proportional_counts(np.ones(num_classes), total)
     noisy = np.bincount(train_labels, minlength=num_classes) + rng.laplace(scale=1 / epsilon, size=num_classes)
-    weights = np.clip(noisy, 0, None)
-    return proportional_counts(weights if weights.sum() > 0 else np.ones(num_classes), total)
+    return np.clip(np.round(noisy), 0, None).astype(np.int64), float(noisy.sum())
 
 
 def released_labels(class_counts: np.ndarray) -> np.ndarray:
@@ -137,9 +96,9 @@ def released_labels(class_counts: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=64)
 def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """The smallest noise multiplier (to opacus's bisection tolerance) whose RDP epsilon after exactly
-    `steps` Poisson-sampled steps is at most `epsilon`. Cached: the bisection takes seconds, and
-    runs that differ only in their seed share it."""
+    """The smallest noise multiplier (to opacus's bisection tolerance) whose RDP epsilon after exactly `steps`
+    Poisson-sampled steps is at most `epsilon`. Cached: the bisection takes seconds, and runs that differ only
+    in their seed share it."""
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
@@ -150,6 +109,13 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int
     except ValueError as err:  # opacus gives up above a noise multiplier of 1e6
         raise UserError(f"--dp_epsilon {epsilon:g} (for DP-SGD) is too small to run even one step at any "
                         f"noise with delta = {delta:g}; raise --dp_epsilon or --dp_delta") from err
+
+
+def mechanisms(noise_multiplier: float, sample_rate: float, steps: int, count_epsilon: float) -> list[dict]:
+    """What reads the private split, in the ledger's format (src.ledger)."""
+    return [{"mechanism": "laplace", "epsilon": count_epsilon},
+            {"mechanism": "subsampled_gaussian", "noise_multiplier": noise_multiplier, "sample_rate": sample_rate,
+             "steps": steps}]
 
 
 @contextmanager
@@ -192,63 +158,66 @@ def clipped_gradient_sum(model: CVAE, x: torch.Tensor, onehot: torch.Tensor, noi
 
 
 def train_cvae_dp(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, config: CVAEConfig,
-                  dp: DPSettings, device: torch.device, seed: int) -> tuple[CVAEBundle, dict]:
-    """Train a CVAE with DP-SGD for `dp.epochs` epochs; return it with its privacy accounting.
+                  release: CVAERelease, making: CVAEMaking, device: torch.device, seed: int) -> tuple[CVAEBundle, dict]:
+    """Train a CVAE with DP-SGD to `release.dp_epsilon`; return it with its accounting.
 
-    The accounting dict (plain types, for .npz meta and result files) holds the target and spent
-    epsilon, delta, the DP-SGD noise multiplier, sample rate, steps, clipping norm, accountant, the
-    public bounds, where the noise came from and the released class counts (use them through
-    `released_labels`). The bundle's history is empty: per-epoch training losses are statistics of
-    the private data outside the mechanism. On CPU the same seed gives the same model, unless
-    `dp.secret_noise`.
+    The accounting (plain types, for .npz meta and result files) holds the relation, the mechanisms run,
+    the target and spent epsilon, delta, the released class counts (use them through `released_labels`),
+    the public settings that shaped the run, and where the noise came from. Nothing else computed from the
+    private split leaves this function: the bundle's history is empty (per-epoch losses are statistics of
+    the private data outside the mechanism). With `making.dp_seeded_noise_not_private` the same seed gives
+    the same model on the CPU.
     """
     require_opacus()
-    from opacus.accountants import create_accountant
-
     if config.reference_objective:
         raise UserError("--reference_objective cannot be combined with --dp_epsilon: DP training uses the "
                         "correct ELBO only; drop one of the two flags")
-    num_samples = len(train_x)
-    delta = dp.delta_for(num_samples)
-    count_epsilon = dp.count_share * dp.epsilon
-    batches_per_epoch = math.ceil(num_samples / config.batch_size)
-    sample_rate, steps = 1 / batches_per_epoch, dp.epochs * batches_per_epoch
-    noise_multiplier = calibrate_noise(dp.epsilon - count_epsilon, delta, sample_rate, steps)
+    if not np.isfinite(train_x).all():
+        raise UserError("the training embeddings hold NaN or infinite values, which no clipping bounds; "
+                        "recreate the database with create_db.py")
+    epsilon, count_epsilon = release.dp_epsilon, making.dp_count_share * release.dp_epsilon
+    secret = not making.dp_seeded_noise_not_private
+    noise_seed = secrets.randbits(63) if secret else seed
+    class_counts, noisy_total = dp_class_counts(train_y, num_classes, count_epsilon, np.random.default_rng(noise_seed))
+    if making.dp_delta is not None and making.dp_delta >= 1 / len(train_x):  # the curator's check: never released
+        raise UserError(f"--dp_delta {making.dp_delta:g}: delta must be below 1/N for N = {len(train_x)} training "
+                        "records, or a single record could be released")
+    delta = making.dp_delta if making.dp_delta is not None else default_delta(noisy_total, num_classes, count_epsilon)
+    public_size = max(noisy_total, float(config.batch_size))  # N~, never below one batch (q <= 1)
+    sample_rate = config.batch_size / public_size
+    steps = making.dp_epochs * math.ceil(public_size / config.batch_size)
+    # DP-SGD gets what the histogram leaves (basic composition); the ledger's Renyi composition may spend less
+    noise_multiplier = calibrate_noise(epsilon - count_epsilon, delta, sample_rate, steps)
 
     seed_everything(seed)  # weight initialisation
-    noise_seed = secrets.randbits(63) if dp.secret_noise else seed
     generator = torch.Generator(device=device).manual_seed(noise_seed)
-    class_counts = dp_class_counts(train_y, num_classes, count_epsilon, num_samples,
-                                   np.random.default_rng(noise_seed))
-    scaler = public_scaler(dp.bounds, train_x.shape[1], device)
+    scaler = public_scaler(tuple(making.dp_bounds), train_x.shape[1], device)
     x, onehot = scaled_tensors(scaler, train_x, train_y, num_classes, device)
     x.clamp_(0, 1)
     model = CVAE(x.shape[1], num_classes, config.hidden_dim, config.latent_dim).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    accountant = create_accountant(mechanism=ACCOUNTANT)
-    noise_std, expected_batch = noise_multiplier * dp.max_grad_norm, sample_rate * num_samples
+    noise_std = noise_multiplier * making.max_grad_norm
     with one_cpu_thread():  # a step is some 40 small ops: on a busy CPU a second thread costs more than it gives
         for _ in range(steps):
-            rows = torch.rand(num_samples, device=device, generator=generator) < sample_rate
+            rows = torch.rand(len(x), device=device, generator=generator) < sample_rate
             latent_noise = torch.randn(int(rows.sum()), config.latent_dim, device=device, generator=generator)
-            sums = clipped_gradient_sum(model, x[rows], onehot[rows], latent_noise, config, dp.max_grad_norm)
+            sums = clipped_gradient_sum(model, x[rows], onehot[rows], latent_noise, config, making.max_grad_norm)
             for parameter in model.parameters():
                 noise = torch.randn(parameter.shape, device=device, generator=generator)
-                parameter.grad = (sums[parameter] + noise_std * noise) / expected_batch
+                parameter.grad = (sums[parameter] + noise_std * noise) / config.batch_size
             optimizer.step()
-            accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
     model.eval()
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        sgd_epsilon = max(0.0, accountant.get_epsilon(delta=delta))  # below 0 the bound says (0, delta)-DP
+    run = mechanisms(noise_multiplier, sample_rate, steps, count_epsilon)
     accounting = {
-        "target_epsilon": dp.epsilon, "spent_epsilon": sgd_epsilon + count_epsilon, "delta": delta,
-        "sgd_epsilon": sgd_epsilon, "class_count_epsilon": count_epsilon, "noise_multiplier": noise_multiplier,
-        "sample_rate": sample_rate, "steps": steps, "epochs": dp.epochs, "max_grad_norm": dp.max_grad_norm,
-        "accountant": ACCOUNTANT, "bounds": [float(bound) for bound in dp.bounds],
-        "noise_seed": "secret" if dp.secret_noise else "the run's seed",
+        "relation": ADJACENCY, "mechanisms": run, "accountant": "rdp (src.ledger)",
+        "target_epsilon": epsilon, "spent_epsilon": spent_epsilon(run, delta), "delta": delta,
+        "delta_from": "--dp_delta" if making.dp_delta is not None else "the noisy count (1 / (10 N+))",
+        "class_count_epsilon": count_epsilon, "noise_multiplier": noise_multiplier, "sample_rate": sample_rate,
+        "steps": steps, "epochs": making.dp_epochs, "max_grad_norm": making.max_grad_norm,
+        "batch_size": config.batch_size, "bounds": [float(bound) for bound in making.dp_bounds],
+        "noise": "secret (OS entropy, not stored)" if secret else "seeded from --seed: NOT PRIVATE",
         "class_counts": class_counts.tolist(),
     }
-    bundle = CVAEBundle(model, scaler, num_classes, config, history={}, best_epoch=dp.epochs)
+    bundle = CVAEBundle(model, scaler, num_classes, config, history={}, best_epoch=making.dp_epochs)
     return bundle, accounting

@@ -22,7 +22,8 @@ import torch
 from src.anonymizers import get_anonymizer
 from src.anonymizers.base import ReleaseInputs
 from src.cli import UserError
-from src.io import array_fingerprint, check_output_folder, file_fingerprint, load_database, provenance, write_json
+from src.io import (array_fingerprint, check_output_folder, declared_classes, file_fingerprint, load_database,
+                    provenance, write_json)
 from src.metrics import accuracy, auroc, balanced_accuracy, check_sizes, nearest_neighbours, privacy_metrics
 from src.naming import create_db_command, database_dir, database_paths, release_hint, release_path, result_paths
 from src.options import settings_record
@@ -51,7 +52,8 @@ def load_probe_data(settings: StageSettings, released_path: Path | None = None, 
     """Load and cross-check the databases; `released_path` None means the real train set is released."""
     paths = database_paths(settings.database_root, settings.dataset, settings.backbone)
     make_db = create_db_command(settings)
-    splits = {split: load_database(path, make_db)[:2] for split, path in paths.items()}
+    loaded = {split: load_database(path, make_db) for split, path in paths.items()}
+    splits = {split: (x, y) for split, (x, y, _) in loaded.items()}
     released_meta: dict = {}
     if released_path is None or Path(released_path) == paths["train"]:
         released_path = paths["train"]
@@ -76,7 +78,7 @@ def load_probe_data(settings: StageSettings, released_path: Path | None = None, 
                             "the probe cannot learn them, recreate the training set with every class")
     check_sizes(released_x, splits["train"][0], splits["test"][0], splits["val"][0])  # before any training
     return ProbeData(released_x, released_y, *splits["train"], *splits["val"], *splits["test"],
-                     num_classes=max(int(y.max()) for y in labels) + 1,
+                     num_classes=declared_classes(loaded["train"][2], paths["train"], *labels),
                      inputs={str(path): file_fingerprint(path)
                              for path in dict.fromkeys([*paths.values(), released_path])},
                      released_meta=released_meta)

@@ -256,6 +256,18 @@ def load_database(path: Path, hint: str = "") -> tuple[np.ndarray, np.ndarray, d
     return embeddings, labels.astype(np.int64), meta
 
 
+def declared_classes(meta: dict, path: Path, *labels: np.ndarray) -> int:
+    """The number of classes the dataset declares (create_db.py records its class names), never the count the
+    labels happen to show; a database without them (made by hand) falls back to the largest label + 1."""
+    largest = max(int(y.max()) for y in labels if len(y))
+    if "class_names" not in meta:
+        return largest + 1
+    if largest >= len(meta["class_names"]):
+        raise UserError(f"{path} has label {largest} but declares {len(meta['class_names'])} classes; "
+                        "recreate it with create_db.py")
+    return len(meta["class_names"])
+
+
 def write_json(path: Path, payload: dict) -> None:
     """Write a result file atomically, pretty-printed so it reads as a simple file."""
     with atomic_path(path) as tmp:

@@ -16,10 +16,16 @@ hold, so the smaller is reported.
 """
 from __future__ import annotations
 
+import json
 import math
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
+
+from src.cli import ArgumentParser, check_finite, run_cli
+from src.defaults import DEFAULT_ROOTS
 
 ADJACENCY = "add/remove one record: datasets that differ by one labelled record of the private train split"
 ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [80, 128, 256, 512])
@@ -89,3 +95,55 @@ def gaussian_noise_multiplier(epsilon: float, delta: float, count: int = 1, fixe
         middle = math.sqrt(low * high)
         low, high = (middle, high) if spent(middle) > epsilon else (low, middle)
     return high
+
+
+def composed(accountings: list[dict]) -> tuple[float, float]:
+    """(epsilon, delta) of several DP releases of one split together: their deltas add, their mechanisms
+    compose by Renyi DP at that total delta."""
+    delta = sum(accounting["delta"] for accounting in accountings)
+    return spent_epsilon([m for accounting in accountings for m in accounting["mechanisms"]], min(delta, 0.5)), delta
+
+
+def split_ledger(releases: dict[str, list[tuple[str, dict]]], warn_epsilon: float | None) -> tuple[str, list[str]]:
+    """A Markdown table of the budget each private split has spent (split -> its releases' (name, accounting)),
+    and a warning line for each split whose composed epsilon passes `warn_epsilon`."""
+    rows, warnings_ = ["| private split | DP releases | epsilon each | composed epsilon | at delta |",
+                       "|---|---|---|---|---|"], []
+    for split, named in sorted(releases.items()):
+        epsilon, delta = composed([accounting for _, accounting in named])
+        each = ", ".join(f"{name} {accounting['spent_epsilon']:.3g}" for name, accounting in named)
+        rows.append(f"| {split} | {len(named)} | {each} | {epsilon:.3f} | {delta:.2g} |")
+        if warn_epsilon is not None and epsilon > warn_epsilon:
+            warnings_.append(f"warning: the DP releases of {split} compose to epsilon {epsilon:.3f} at delta "
+                             f"{delta:.2g}, past --warn_epsilon {warn_epsilon:g}")
+    return "\n".join(rows), warnings_
+
+
+def main() -> None:
+    """python -m src.ledger: the budget spent on each private split by the DP releases under a database root."""
+    parser = ArgumentParser(description=main.__doc__.split(": ", 1)[1])
+    parser.add_argument("--database_root", type=Path, default=DEFAULT_ROOTS["database_root"],
+                        help="where the releases are (default assets/database)")
+    parser.add_argument("--warn_epsilon", type=float, default=None,
+                        help="warn when one split's releases compose past this epsilon")
+    args = parser.parse_args()
+    if args.warn_epsilon is not None:
+        check_finite("--warn_epsilon", args.warn_epsilon, above=0)
+    releases: dict[str, list[tuple[str, dict]]] = {}
+    for path in sorted(Path(args.database_root).glob("*/*/train_*.npz")):
+        with np.load(path, allow_pickle=False) as npz:
+            meta = json.loads(str(npz["meta"])) if "meta" in npz.files else {}
+        if "dp" in meta:
+            split = f"{path.parent.parent.name}/{path.parent.name}/train"
+            releases.setdefault(split, []).append((path.stem.removeprefix("train_"), meta["dp"]))
+    if not releases:
+        print(f"no DP releases under {args.database_root}")
+        return
+    table, warnings_ = split_ledger(releases, args.warn_epsilon)
+    print(f"Relation: {ADJACENCY}.\n\n{table}")
+    for line in warnings_:
+        print(line, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)

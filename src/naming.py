@@ -2,7 +2,8 @@
 and how a result file's name is read back (src.aggregate). No model library is imported here.
 
 - databases: <database_root>/<dataset>/<backbone>/{train,val,test}.npz (create_db.py)
-- release: <database_root>/<dataset>/<backbone>/train_<flag>[-s<seed>].npz
+- release: <database_root>/<dataset>/<backbone>/train_<flag>[-s<seed>].npz, and beside a DP release its
+  private sidecar train_<flag>[-s<seed>].PRIVATE-do-not-publish.json
 - result:  <output_root>/<dataset>/<dataset>_<flag>-s<seed>[_sigma-<sigma>[-<units>]].json, the noise
   units named only where they differ from the reference's for that script (its offline
   scripts: released units; its online script: real units)
@@ -58,6 +59,15 @@ def create_db_command(settings: StageSettings) -> str:
 def release_path(settings: StageSettings, anonymizer: Anonymizer, release: Any) -> Path:
     return (database_dir(settings.database_root, settings.dataset, settings.backbone)
             / anonymizer.release_name(release, settings.seed))
+
+
+PRIVATE_SIDECAR = ".PRIVATE-do-not-publish.json"
+
+
+def private_sidecar_path(release: Path) -> Path:
+    """Where a DP release's maker keeps what it learnt outside the mechanism (input fingerprints, timings, a
+    validation loss): beside the release, named so that nobody publishes it with it."""
+    return Path(release).with_name(Path(release).stem + PRIVATE_SIDECAR)
 
 
 def release_hint(settings: StageSettings, anonymizer: Anonymizer, release: Any) -> str:

@@ -34,17 +34,24 @@ class ReleaseInputs:
     train_y: np.ndarray
     val_x: np.ndarray
     val_y: np.ndarray
-    num_classes: int
+    num_classes: int  # as the dataset declares them (create_db.py's class names), or the largest label + 1
     checkpoint_dir: Path  # where a trained model may be cached
+    classes_declared: bool = False  # whether num_classes comes from the dataset's declared classes
+
+
+PRIVATE = "private"  # the key of what a maker computed from private data outside any DP mechanism
 
 
 @dataclass
 class Release:
-    """A released training set and what its metadata should add (checkpoint, accounting, ...)."""
+    """A released training set and what its metadata should add (checkpoint, accounting, ...). `private` is
+    what the maker learnt from the private data outside a DP mechanism (a validation loss): it goes to the
+    release's private sidecar (src.naming.private_sidecar_path), never into the release."""
 
     embeddings: np.ndarray
     labels: np.ndarray
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    private: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 ONLINE_SUFFIX = "-online"  # after the name in the flag of an online mode: cvae-online-v1

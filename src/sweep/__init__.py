@@ -80,7 +80,7 @@ def main() -> None:
                for out in point.outputs]
     if results:
         tables = REPO_ROOT / sweep_dir / "tables"
-        print(aggregate([REPO_ROOT / out for out in results], tables))
+        print(aggregate([REPO_ROOT / out for out in results], tables, config.warn_epsilon))
         print(f"tables and figures in {tables}")
     if failures:
         print(f"{len(failures)} failed points:", file=sys.stderr)

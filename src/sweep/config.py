@@ -17,14 +17,14 @@ import yaml
 
 from src.anonymizers import ANONYMIZERS, Anonymizer
 from src.anonymizers.base import ONLINE_SUFFIX
-from src.cli import UserError, brief_reason
+from src.cli import UserError, brief_reason, check_finite
 from src.io import REPO_ROOT
 from src.defaults import DEFAULT_ROOTS
 from src.options import check_value, option_field, option_fields
 from src.settings import NOISE_UNITS, CreateDbSettings, ProbeSettings, ProbeTraining, StageSettings
 
 TOP_KEYS = {"name", "datasets", "backbone", "weights", "img_size", "seeds", "sigmas", "noise_units", "anonymizers",
-            "probe", "create_db", "device", "download", "paths", "slurm"}
+            "probe", "create_db", "device", "download", "paths", "slurm", "warn_epsilon"}
 CREATE_DB_KEYS = ("batch_size", "num_workers")  # CreateDbSettings fields a config may set
 PATH_DEFAULTS = {key: str(root) for key, root in DEFAULT_ROOTS.items()}
 SLURM_KEYS = {"partition", "account", "time", "gres", "cpus_per_task", "mem"}
@@ -56,6 +56,7 @@ class SweepConfig:
     download: bool
     paths: dict[str, str]
     slurm: dict[str, str]
+    warn_epsilon: float | None = None  # warn when one split's DP releases compose past it
 
 
 class ConfigReader:
@@ -215,9 +216,16 @@ def load_config(path: Path) -> SweepConfig:
     if "/" in name or name.startswith("."):
         raise read.fail(f"name {name!r} must be a plain folder name")
 
+    warn_epsilon = raw.get("warn_epsilon")
+    if warn_epsilon is not None:
+        try:
+            check_finite("warn_epsilon", warn_epsilon, above=0)
+        except UserError as err:
+            raise read.fail(str(err)) from err
     return SweepConfig(name=name, datasets=datasets, backbone=backbone, weights=weights, img_size=img_size,
                        seeds=seeds, sigmas=sigmas, noise_units=noise_units, anonymizers=anonymizers, probe=probe,
-                       create_db=create_db, device=device, download=download, paths=paths, slurm=slurm)
+                       create_db=create_db, device=device, download=download, paths=paths, slurm=slurm,
+                       warn_epsilon=warn_epsilon)
 
 
 def check_dataset_names(read: ConfigReader, datasets: list[str]) -> None:

@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from src.io import code_version, file_fingerprint
+from src.naming import private_sidecar_path
 from src.sweep.config import REPO_ROOT
 from src.sweep.grid import Point
 
 
 def recorded(path: Path) -> dict | None:
-    """The settings/inputs record of an output: a result JSON, or the meta of a database."""
+    """The settings/inputs record of an output: a result JSON, or the meta of a database with, for a DP
+    release, its private sidecar (where its input fingerprints are kept out of the release)."""
     try:
         if path.suffix == ".json":
             record = json.loads(path.read_text())
@@ -24,6 +26,9 @@ def recorded(path: Path) -> dict | None:
         else:
             with np.load(path, allow_pickle=False) as npz:
                 record = json.loads(str(npz["meta"])) if "meta" in npz.files else {}
+            sidecar = private_sidecar_path(path)
+            if isinstance(record, dict) and "dp" in record and sidecar.is_file():
+                record = {**json.loads(sidecar.read_text()), **record}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return None
     return record if isinstance(record, dict) else None
