@@ -21,10 +21,12 @@ becomes the pivot:
 - These bounds only shrink as points are assigned (each term loses points), so a stale bound
   still holds, and each step looks only at the bounds that reach the largest exact sum: first
   from each one's stored per-cell terms with the cells' counts of now (no product), then, if
-  that is not enough, from a fresh product. Groups refreshed so become warm: their dot
-  products with the cells' sums are updated every step, which keeps their bounds fresh.
-- A group whose refreshed bound still reaches it enters a small exact tier, with its float64
-  sum from one pass over the unassigned points, updated every step after that. The same pass
+  that is not enough, from a fresh product (`_Bounds`). Groups refreshed so become warm
+  (`_WarmRows`): their dot products with the cells' sums are updated every step, which keeps
+  their bounds fresh.
+- A group whose refreshed bound still reaches it enters a small exact tier (`_ExactTier`), with
+  its float64 sum from one pass over the unassigned points (`_LivePoints`), updated every step
+  after that; `_DistanceSums` ties the parts together. The same pass
   gives its list of nearest points: the pivot's neighbours come from that list while it still
   holds enough unassigned points provably nearer than anything outside it, else from one scan
   of all rows.
@@ -231,10 +233,9 @@ def _compacted(values: torch.Tensor, keep: torch.Tensor, block_size: int) -> tor
 
 
 class _LivePoints:
-    """The unassigned points packed together in float64 on the device (the only copy of the centred
-    points), for the passes over all of them; which rows they are is kept on the host. Packed again when a
-    sixth of the rows have been assigned, so that the passes read few dead rows and the memory stays near
-    one copy."""
+    """The unassigned points, centred, packed together in float64 on the device (the only copy), for the passes
+    over all of them; which rows they are is kept on the host. Packed again when a sixth of the rows have been
+    assigned, so that the passes read few dead rows and the memory stays near one copy."""
 
     def __init__(self, x64: torch.Tensor, sq64: torch.Tensor, block_size: int) -> None:
         self.rows = np.arange(x64.shape[0])  # original row index of each packed row
@@ -243,40 +244,210 @@ class _LivePoints:
         self.position = self.rows.copy()  # packed position of each original row; -1 once packed away
         self.block_size = block_size
 
+    def on_device(self, values: np.ndarray) -> torch.Tensor:
+        """A host array as a tensor on the device of the passes (no copy on the CPU)."""
+        return torch.as_tensor(values, device=self.x64.device)
+
+    def leave(self, rows: np.ndarray) -> None:
+        self.alive[self.position[rows]] = False
+
     def sparse(self) -> bool:
         return np.count_nonzero(self.alive) <= 5 * self.alive.size // 6
 
     def compact(self) -> None:
         """Drop the assigned rows, in place."""
         keep = np.flatnonzero(self.alive)
-        on_device = torch.as_tensor(keep, device=self.x64.device)
-        self.x64, self.sq64 = (_compacted(values, on_device, self.block_size) for values in (self.x64, self.sq64))
+        self.x64, self.sq64 = (_compacted(values, self.on_device(keep), self.block_size)
+                               for values in (self.x64, self.sq64))
         self.rows = self.rows[keep]
         self.alive = np.ones(keep.size, dtype=bool)
         self.position.fill(-1)
         self.position[self.rows] = np.arange(keep.size)
 
+    def sums_and_nearest(self, groups: np.ndarray, x: np.ndarray, sq_norms: np.ndarray, first_copy: np.ndarray,
+                         length: int, product_size: int, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each group (its centred vector and squared norm): its float64 summed distance to the unassigned
+        points, and the original rows and squared distances of its `length` nearest ones (itself excluded).
+        Reads the packed rows in place (a gather of the live ones would cost as much as the product)."""
+        sums = np.empty(groups.size)
+        list_idx = np.empty((groups.size, length), dtype=np.int64)
+        list_d2 = np.empty((groups.size, length))
+        packed_groups, dead = first_copy[self.rows], self.on_device(np.flatnonzero(~self.alive))
+        chunk = max(1, product_size // self.rows.size)
+        for start in range(0, groups.size, chunk):
+            part = slice(start, start + chunk)
+            chosen = groups[part]
+            # copies of a chosen vector (itself included) are at exactly 0
+            copies = np.flatnonzero(np.isin(packed_groups, chosen))
+            same = self.on_device(packed_groups[copies][None, :] == chosen[:, None])
+            own = self.position[chosen]  # -1 where the group's first row was assigned and packed away
+            chosen_at, own = self.on_device(np.flatnonzero(own >= 0)), self.on_device(own[own >= 0])
+            copies = self.on_device(copies)
+            # The elementwise passes over the product are as long as it is wide: all threads for them too.
+            with cpu_threads(threads if chosen.size * self.x64.numel() >= PARALLEL_PRODUCT else 1):
+                d2 = squared_distances(self.on_device(x[part]), self.on_device(sq_norms[part]), self.x64, self.sq64)
+                d2[:, copies] = torch.where(same, 0.0, d2[:, copies])
+                d2[:, dead] = torch.inf  # neither dead rows nor itself in the lists
+                d2[chosen_at, own] = torch.inf
+                nearest = d2.topk(length, dim=1, largest=False)
+                list_d2[part] = nearest.values.cpu().numpy()
+                list_idx[part] = self.rows[nearest.indices.cpu().numpy()]
+                d2[:, dead] = 0.0  # dead rows count 0 in the sums, and so does itself
+                d2[chosen_at, own] = 0.0
+                sums[part] = d2.sqrt_().sum(1).cpu().numpy()
+        return sums, list_idx, list_d2
+
+
+class _Bounds:
+    """Upper bounds of the live groups' sums outside the exact tier, from each one's per-cell terms
+    (`_CellSums.terms`) with the cells' counts of now; -inf for every other row: copies (a group's sum is
+    kept at its first row), dead groups and the tier's members. Points only leave the cells, so a bound
+    taken earlier still holds: each is only ever lowered, and most are left stale."""
+
+    def __init__(self, cells: _CellSums, groups: np.ndarray, n: int) -> None:
+        self.cells = cells
+        self.values = np.full(n, -np.inf)
+        self.values[groups] = np.inf
+        self.terms = np.empty((n, cells.sizes.size))  # each group's, when last taken
+
+    def take(self, groups: np.ndarray, dots: np.ndarray, sq_norms: np.ndarray) -> None:
+        """New terms for the groups from their dot products with the cells' sums, and their bounds from them."""
+        self.terms[groups] = self.cells.terms(dots, sq_norms)
+        self.age(groups)
+
+    def age(self, groups: np.ndarray) -> None:
+        """The groups' bounds from their stored terms and the cells' counts of now (where lower): no product."""
+        self.values[groups] = np.minimum(self.values[groups], self.cells.bounds(self.terms[groups]))
+
+    def reaching(self, best: float, groups: np.ndarray | None = None) -> np.ndarray:
+        """Groups (of `groups`, else of all) whose bounds the largest exact sum `best` does not certainly
+        exceed: bound (1 + SUM_MARGIN) >= best (sums and bounds are never negative)."""
+        threshold = best / (1.0 + SUM_MARGIN)
+        if groups is None:
+            return np.flatnonzero(self.values >= threshold)
+        return groups[self.values[groups] >= threshold]
+
+    def outside(self) -> int:
+        """How many groups have a bound."""
+        return np.count_nonzero(np.isfinite(self.values))
+
+
+class _WarmRows:
+    """Groups with bounds that have reached the tier's largest sum: their dot products with the cells' sums
+    are updated every step (warm rows x k), which keeps their bounds fresh without a product. Fixed slots,
+    so that the update is one product; `slot` gives each group's (-1 when cold)."""
+
+    def __init__(self, size: int, dim: int, cells: int, n: int) -> None:
+        self.size = size
+        self.group = np.zeros(size, dtype=np.int64)
+        self.x = np.zeros((size, dim))
+        self.sq_norms = np.zeros(size)
+        self.dots = np.zeros((size, cells))
+        self.live = np.zeros(size, dtype=bool)  # slots in use
+        self.slot = np.full(n, -1, dtype=np.int64)
+
+    def groups(self) -> np.ndarray:
+        return self.group[self.live]
+
+    def add(self, groups: np.ndarray, x: np.ndarray, sq_norms: np.ndarray, dots: np.ndarray,
+            bounds: np.ndarray) -> None:
+        """Cold groups become warm (just refreshed: centred vectors, squared norms, dot products); when the slots
+        run out, the warm groups with the lowest `bounds` go cold (their bounds stay, stale but valid)."""
+        if groups.size > self.size:  # only the largest can be warm
+            keep = _largest(bounds[groups], self.size)
+            groups, x, sq_norms, dots = groups[keep], x[keep], sq_norms[keep], dots[keep]
+        free = np.flatnonzero(~self.live)
+        if free.size < groups.size:
+            live = np.flatnonzero(self.live)
+            lowest = live[_largest(-bounds[self.group[live]], groups.size - free.size)]
+            self.drop(self.group[lowest])
+            free = np.concatenate([free, lowest])
+        slots = free[:groups.size]
+        self.group[slots], self.x[slots], self.sq_norms[slots], self.dots[slots] = groups, x, sq_norms, dots
+        self.live[slots], self.slot[groups] = True, slots
+
+    def drop(self, groups: np.ndarray) -> None:
+        """The groups stop being warm, if they were."""
+        slots = self.slot[groups]
+        self.live[slots[slots >= 0]] = False
+        self.slot[groups] = -1
+
+    def check_invariants(self, centred: np.ndarray, sq_norms: np.ndarray, cells: _CellSums) -> None:
+        slots = np.flatnonzero(self.live)
+        assert np.array_equal(self.slot[self.group[slots]], slots), "slots and groups disagree"
+        assert np.count_nonzero(self.slot >= 0) == slots.size, "a group points at a free slot"
+        assert np.array_equal(self.x[slots], centred) and np.array_equal(self.sq_norms[slots], sq_norms)
+        assert (np.abs(self.dots[slots] - cells.dots(centred))  # each within e_dot |x| of the truth
+                <= 2.0 * cells.dot_error * np.sqrt(sq_norms)[:, None]).all(), "dot products drifted"
+
+
+class _ExactTier:
+    """The groups that may have the largest sum: their float64 sums over the unassigned points, updated every
+    step (tier x k distances; -inf once dead), and the list of nearest points each one got on entering."""
+
+    def __init__(self, dim: int) -> None:
+        self.groups, self.sums = np.zeros(0, dtype=np.int64), np.zeros(0)
+        self.x, self.sq_norms = np.zeros((0, dim)), np.zeros(0)  # centred vectors, for the updates
+        self.lists: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+        self.slot: dict[int, int] = {}  # each member's position
+
+    def best(self) -> float:
+        """The largest sum (-inf when no member lives)."""
+        return float(self.sums.max()) if self.sums.size else -np.inf
+
+    def tied(self, best: float) -> list[int]:
+        """Members whose sums are within rounding of `best` (usually one)."""
+        return self.groups[self.sums >= best - SUM_MARGIN * abs(best)].tolist()
+
+    def admit(self, groups: np.ndarray, sums: np.ndarray, lists: list, x: np.ndarray, sq_norms: np.ndarray,
+              size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Add the groups. The dead members go; when more than twice `size` live ones are left, the lowest
+        go too (never one tied with the best), and are returned with their sums, which bound them from then on."""
+        keep = np.isfinite(self.sums)
+        if np.count_nonzero(keep) > 2 * size:
+            live = self.sums[keep]
+            best = live.max()
+            keep &= self.sums >= min(np.partition(live, live.size - size)[-size], best - SUM_MARGIN * abs(best))
+        dropped = np.isfinite(self.sums) & ~keep
+        returned = self.groups[dropped], self.sums[dropped]
+        self.groups, self.sums = np.concatenate([self.groups[keep], groups]), np.concatenate([self.sums[keep], sums])
+        self.x, self.sq_norms = np.concatenate([self.x[keep], x]), np.concatenate([self.sq_norms[keep], sq_norms])
+        self.lists = {group: self.lists[group] for group in self.groups[:np.count_nonzero(keep)].tolist()}
+        self.lists.update(zip(groups.tolist(), lists))
+        self.slot = {group: slot for slot, group in enumerate(self.groups.tolist())}
+        return returned
+
+    def leave(self, x: np.ndarray, sq_norms: np.ndarray, member_groups: np.ndarray) -> None:
+        """Newly assigned rows (centred vectors, squared norms, groups) leave every member's sum."""
+        distances = np.sqrt(_host_squared_distances(self.x, self.sq_norms, x, sq_norms))
+        for column, group in enumerate(member_groups.tolist()):
+            if group in self.slot:  # a copy of a member's vector: exactly 0
+                distances[self.slot[group], column] = 0.0
+        self.sums -= distances.sum(1)
+
+    def kill(self, dead_groups: list[int]) -> None:
+        self.sums[np.array([self.slot[group] for group in dead_groups if group in self.slot], dtype=np.int64)] = -np.inf
+
+    def check_invariants(self, centred: np.ndarray, sq_norms: np.ndarray) -> None:
+        assert np.unique(self.groups).size == self.groups.size == self.sums.size, "a member twice"
+        assert self.slot == {group: slot for slot, group in enumerate(self.groups.tolist())}
+        assert set(self.lists) == set(self.slot), "members and lists disagree"
+        assert np.array_equal(self.x, centred) and np.array_equal(self.sq_norms, sq_norms)
+
 
 class _DistanceSums:
-    """Each live group's summed distance to the unassigned points, for picking the pivot.
+    """Each live group's summed distance to the unassigned points, for picking the pivot: the exact sums
+    of the `_ExactTier`, and `_Bounds` for all other live groups, fresh for the `_WarmRows`.
 
-    - An exact tier: the float64 sums of the groups that may be the largest, updated every step
-      (tier x k distances).
-    - Every other live group: an upper bound from the cell sums (`_CellSums`). Bounds only shrink, so a
-      stale one still holds, and most are left so. Those that have reached the tier's largest sum are
-      kept warm: their dot products with the cells' sums are updated every step (warm rows x k), which
-      keeps their bounds fresh; a cold bound that reaches it is refreshed, and its group becomes warm.
-    A group enters the exact tier when its fresh bound still reaches that sum. One float64 pass over the
-    unassigned points gives it its exact sum and its list of nearest points for the neighbour search.
-
-    The passes over all unassigned points run on the device; everything else (a few hundred values a
-    step) in host arrays, where a small operation costs a few microseconds rather than a torch call's ten.
+    A group enters the tier when its fresh bound still reaches the tier's largest sum, with one pass over
+    the unassigned points (`_LivePoints`) for its exact sum and its list of nearest points. Those passes
+    run on the device; everything else (a few hundred values a step) in host arrays, where a small
+    operation costs a few microseconds rather than a torch call's ten.
     """
 
     def __init__(self, points: torch.Tensor, host_points: np.ndarray, first_copy: np.ndarray, top_size: int,
                  list_length: int, block_size: int, threads: int, cells: int) -> None:
         self.host_points, self.first_copy = host_points, first_copy
-        self.device = points.device
         x = points.to(torch.float64, copy=True)
         mean = x.mean(0)
         x -= mean  # centring shrinks the norms, and with them the Gram rounding error
@@ -286,7 +457,7 @@ class _DistanceSums:
         self.mean, self.sq_norms = mean.cpu().numpy(), sq_norms.cpu().numpy().copy()
         self.top_size, self.min_newcomers = top_size, max(1, top_size // 4)
         self.threads = threads  # for the large products; everything else runs on one
-        self.list_length, self.block_size = list_length, block_size
+        self.list_length = list_length
         # float64 rows' norms: summed in float64. Their bound serves the neighbour choices, which compare with
         # the input's own distances: the centring rounds each coordinate of x - mean (u relative), which moves
         # a distance by at most u (|a| + |b|), and so its square by at most (4 + 2 u) u S.
@@ -297,158 +468,107 @@ class _DistanceSums:
         with cpu_threads(threads):
             self.cells = _CellSums(x, sq_norms, _cells(x, sq_norms, cells), cells)
         self.packed = _LivePoints(x, sq_norms, block_size)
-        # Upper bounds of the live groups' sums outside the exact tier; -inf for copies (their sum is kept at the
-        # first), dead groups and the tier's members.
-        self.bounds = np.full(n, -np.inf)
         groups = np.flatnonzero(first_copy == np.arange(n))
-        self.bounds[groups] = np.inf
-        self.terms = np.empty((n, cells))  # each group's, when last taken
+        self.bounds = _Bounds(self.cells, groups, n)
         for start in range(0, groups.size, block_size):
             self._refresh(groups[start:start + block_size])
-        # The warm rows: slots holding a group, its centred vector, squared norm and dot products with the cells'
-        # sums (`warm_live` marks the slots in use), and each group's slot (-1 when cold).
-        self.warm_size = 2 * top_size
-        self.warm = np.zeros(self.warm_size, dtype=np.int64)
-        self.warm_x = np.zeros((self.warm_size, x.shape[1]))
-        self.warm_sq = np.zeros(self.warm_size)
-        self.warm_dots = np.zeros((self.warm_size, cells))
-        self.warm_live = np.zeros(self.warm_size, dtype=bool)
-        self.warm_slot = np.full(n, -1, dtype=np.int64)
-        self.top, self.top_exact = np.zeros(0, dtype=np.int64), np.zeros(0)
-        self.top_x, self.top_sq_norms = self.centred(self.top), self.sq_norms[self.top]
-        self.lists: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
-        self.slots: dict[int, int] = {}
+        self.warm = _WarmRows(2 * top_size, x.shape[1], cells, n)
+        self.tier = _ExactTier(x.shape[1])
 
     def centred(self, rows: np.ndarray | list[int]) -> np.ndarray:
         """Centred float64 rows by original index, bit for bit as in the packed copy (which has
         dropped assigned rows, and holds each group's vector at its first row only while it lives)."""
         return self.host_points[rows].astype(np.float64) - self.mean
 
-    def _on_device(self, values: np.ndarray) -> torch.Tensor:
-        """A host array as a tensor on the device of the passes (no copy on the CPU)."""
-        return torch.as_tensor(values, device=self.device)
-
-    def _refresh(self, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The groups' bounds from the cell sums as they are now (where lower than the stale ones); returns
-        their centred vectors, squared norms and dot products with the cells' sums."""
-        x, sq_norms = self.centred(groups), self.sq_norms[groups]
-        dots = self.cells.dots(x)
-        self.terms[groups] = self.cells.terms(dots, sq_norms)
-        self._age(groups)
-        return x, sq_norms, dots
-
-    def _age(self, groups: np.ndarray) -> None:
-        """The groups' bounds from their stored terms and the cells' current counts (where lower): no product."""
-        self.bounds[groups] = np.minimum(self.bounds[groups], self.cells.bounds(self.terms[groups]))
-
-    def _warm_up(self, groups: np.ndarray, x: np.ndarray, sq_norms: np.ndarray, dots: np.ndarray) -> None:
-        """Make cold groups warm (just refreshed: their centred vectors, squared norms and dot products); when the
-        slots run out, the warm groups with the lowest bounds go cold (their bounds stay, stale but valid)."""
-        if groups.size > self.warm_size:  # only the largest can be warm
-            keep = _largest(self.bounds[groups], self.warm_size)
-            groups, x, sq_norms, dots = groups[keep], x[keep], sq_norms[keep], dots[keep]
-        free = np.flatnonzero(~self.warm_live)
-        if free.size < groups.size:
-            live = np.flatnonzero(self.warm_live)
-            lowest = live[_largest(-self.bounds[self.warm[live]], groups.size - free.size)]
-            self._cool(self.warm[lowest])
-            free = np.concatenate([free, lowest])
-        slots = free[:groups.size]
-        self.warm[slots], self.warm_x[slots], self.warm_sq[slots], self.warm_dots[slots] = groups, x, sq_norms, dots
-        self.warm_live[slots], self.warm_slot[groups] = True, slots
-
-    def _cool(self, groups: np.ndarray) -> None:
-        """The groups that are warm stop being so (entering the tier, dead, or pushed out)."""
-        slots = self.warm_slot[groups]
-        self.warm_live[slots[slots >= 0]] = False
-        self.warm_slot[groups] = -1
-
-    def _reaching(self, best: float, groups: np.ndarray | None = None) -> np.ndarray:
-        """Groups outside the exact tier (of `groups`, else of all) whose bounds the tier's largest sum does not
-        certainly exceed: bound (1 + SUM_MARGIN) >= best (sums and bounds are never negative)."""
-        threshold = best / (1.0 + SUM_MARGIN)
-        if groups is None:
-            return np.flatnonzero(self.bounds >= threshold)
-        return groups[self.bounds[groups] >= threshold]
-
-    def _best(self) -> float:
-        """The largest exact sum in the tier (-inf when it has no live member)."""
-        return float(self.top_exact.max()) if self.top.size else -np.inf
-
     def best_groups(self) -> list[int]:
         """Groups whose sums are within rounding of the largest (usually one)."""
         while True:
-            best = self._best()
+            best = self.tier.best()
             if best == -np.inf:  # no live group in the tier
-                self._admit(self.top[:0])
+                self._admit(np.zeros(0, dtype=np.int64))
                 continue
-            reaching = self._reaching(best)
+            reaching = self.bounds.reaching(best)
             if reaching.size == 0:
-                return self.top[self.top_exact >= best - SUM_MARGIN * abs(best)].tolist()
+                return self.tier.tied(best)
             self._tighten(reaching)  # their bounds may just be stale
-            cold = self._reaching(best, reaching[self.warm_slot[reaching] < 0])
+            cold = self.bounds.reaching(best, reaching[self.warm.slot[reaching] < 0])
             if cold.size:
-                self._warm_up(cold, *self._refresh(cold))
-            reaching = self._reaching(best, reaching)
+                self._warm_up(cold)
+            reaching = self.bounds.reaching(best, reaching)
             if reaching.size:
                 self._admit(reaching)
 
+    def _refresh(self, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The groups' bounds from a product with the cells' sums; returns their centred vectors, squared norms
+        and dot products with those sums."""
+        x, sq_norms = self.centred(groups), self.sq_norms[groups]
+        dots = self.cells.dots(x)
+        self.bounds.take(groups, dots, sq_norms)
+        return x, sq_norms, dots
+
+    def _warm_up(self, groups: np.ndarray) -> None:
+        self.warm.add(groups, *self._refresh(groups), self.bounds.values)
+
     def _tighten(self, groups: np.ndarray) -> None:
-        """The groups' bounds with no pass over the data: fresh for the warm ones (from their dot products), from
-        the stored terms and the current counts for the cold ones."""
-        slots = self.warm_slot[groups]
+        """The groups' bounds with no pass over the data: fresh for the warm ones (from their dot products),
+        from the stored terms and the cells' counts of now for the cold ones."""
+        slots = self.warm.slot[groups]
         warm = slots >= 0
-        self.terms[groups[warm]] = self.cells.terms(self.warm_dots[slots[warm]], self.warm_sq[slots[warm]])
-        self._age(groups)
+        self.bounds.take(groups[warm], self.warm.dots[slots[warm]], self.warm.sq_norms[slots[warm]])
+        self.bounds.age(groups[~warm])
 
     def _admit(self, needed: np.ndarray) -> None:
         """Bring into the exact tier the groups `needed` (the largest `top_size` of them, all with fresh bounds),
         topped up to `min_newcomers` with the largest fresh bounds outside: one pass over the unassigned points
-        costs about as much for dozens of groups as for one. Members stay, but when there are more than twice
-        `top_size`, the lowest go back to bounds (their exact sums, which only shrink)."""
-        needed = needed[_largest(self.bounds[needed], self.top_size)]
-        self.bounds[needed] = -np.inf  # in the tier from here on
-        outside = np.count_nonzero(np.isfinite(self.bounds))
-        extra = min(self.min_newcomers - needed.size, outside)
-        if extra > 0:  # the largest fresh bounds: the warm ones, and if too few, the largest stale ones refreshed
-            pool = self.warm[self.warm_live]
-            pool = pool[np.isfinite(self.bounds[pool])]  # not the needed ones
-            self._tighten(pool)
-            if pool.size < extra:
-                pool = _largest(self.bounds, min(4 * extra, outside))
-                cold = pool[self.warm_slot[pool] < 0]
-                if cold.size:
-                    self._warm_up(cold, *self._refresh(cold))
-            picked = pool[_largest(self.bounds[pool], extra)]
-            self.bounds[picked] = -np.inf
+        costs about as much for dozens of groups as for one."""
+        needed = needed[_largest(self.bounds.values[needed], self.top_size)]
+        self._leave_bounds(needed)
+        extra = min(self.min_newcomers - needed.size, self.bounds.outside())
+        if extra > 0:
+            picked = self._largest_fresh(extra)
+            self._leave_bounds(picked)
             needed = np.concatenate([needed, picked])
-        self._cool(needed)
-        live = np.isfinite(self.top_exact)
-        members, member_exact = self.top[live], self.top_exact[live]
-        if members.size > 2 * self.top_size:
-            best = member_exact.max()
-            kept = member_exact >= min(np.partition(member_exact, members.size - self.top_size)[-self.top_size],
-                                       best - SUM_MARGIN * abs(best))  # never one tied with the best
-            self.bounds[members[~kept]] = member_exact[~kept]
-            members, member_exact = members[kept], member_exact[kept]
         if self.packed.sparse():
             self.packed.compact()
-        newcomer_exact, lists = self._exact_sums_and_lists(needed)
-        self.top, self.top_exact = np.concatenate([members, needed]), np.concatenate([member_exact, newcomer_exact])
-        self.lists = {group: self.lists[group] for group in members.tolist()}
-        self.lists.update(zip(needed.tolist(), lists))
-        self.slots = {group: slot for slot, group in enumerate(self.top.tolist())}
-        self.top_x, self.top_sq_norms = self.centred(self.top), self.sq_norms[self.top]
+        x, sq_norms = self.centred(needed), self.sq_norms[needed]
+        p = self.packed
+        alive_count = np.count_nonzero(p.alive)
+        length = min(self.list_length, alive_count - 1)
+        sums, list_idx, list_d2 = p.sums_and_nearest(needed, x, sq_norms, self.first_copy, length,
+                                                     self.product_size, self.threads)
+        if length == alive_count - 1:  # every other point is listed
+            outside = np.full(needed.size, np.inf)
+        else:  # a squared distance below which no unlisted point lies
+            outside = list_d2[:, -1] - self.error64 * (sq_norms + p.sq64.max().item())
+        dropped, dropped_sums = self.tier.admit(needed, sums, list(zip(list_idx, list_d2, outside.tolist())), x,
+                                                sq_norms, self.top_size)
+        self.bounds.values[dropped] = dropped_sums  # exact sums only shrink: they bound from then on
+
+    def _leave_bounds(self, groups: np.ndarray) -> None:
+        self.bounds.values[groups] = -np.inf
+        self.warm.drop(groups)
+
+    def _largest_fresh(self, count: int) -> np.ndarray:
+        """The `count` groups with the largest fresh bounds: the warm ones, and if too few, the largest stale
+        ones refreshed."""
+        pool = self.warm.groups()
+        self._tighten(pool)
+        if pool.size < count:
+            pool = _largest(self.bounds.values, min(4 * count, self.bounds.outside()))
+            cold = pool[self.warm.slot[pool] < 0]
+            if cold.size:
+                self._warm_up(cold)
+        return pool[_largest(self.bounds.values[pool], count)]
 
     def neighbour_list(self, group: int) -> tuple[np.ndarray, np.ndarray, float]:
         """The group's listed nearest points, their squared distances, and a squared distance
         below which no unlisted point lies (all taken when it entered the exact tier)."""
-        return self.lists[group]
+        return self.tier.lists[group]
 
     def scan(self, pivot: int) -> tuple[np.ndarray, np.ndarray]:
         """The other unassigned rows and their squared distances to the pivot (from the packed copy)."""
         p = self.packed
-        d2 = squared_distances(self._on_device(self.centred([pivot])), self._on_device(self.sq_norms[[pivot]]),
+        d2 = squared_distances(p.on_device(self.centred([pivot])), p.on_device(self.sq_norms[[pivot]]),
                                p.x64, p.sq64)[0].cpu().numpy()
         alive = np.flatnonzero(p.alive & (p.rows != pivot))
         return p.rows[alive], d2[alive]
@@ -456,60 +576,34 @@ class _DistanceSums:
     def remove(self, members: np.ndarray, member_groups: np.ndarray, dead_groups: list[int]) -> None:
         """Account for newly assigned rows; `dead_groups` have no unassigned copy left."""
         x, sq_norms = self.centred(members), self.sq_norms[members]
-        distances = np.sqrt(_host_squared_distances(self.top_x, self.top_sq_norms, x, sq_norms))
-        for column, group in enumerate(member_groups.tolist()):
-            if group in self.slots:  # a copy of a tier member's vector: exactly 0
-                distances[self.slots[group], column] = 0.0
-        self.top_exact -= distances.sum(1)
+        self.tier.leave(x, sq_norms, member_groups)
         self.cells.leave(x, sq_norms, members)
-        self.cells.update_dots(self.warm_dots, self.warm_x, x, members)
+        self.cells.update_dots(self.warm.dots, self.warm.x, x, members)
         if dead_groups:
             dead = np.array(dead_groups, dtype=np.int64)
-            self.bounds[dead] = -np.inf
-            self._cool(dead)
-            self.top_exact[np.array([self.slots[group] for group in dead_groups if group in self.slots],
-                                    dtype=np.int64)] = -np.inf
-        self.packed.alive[self.packed.position[members]] = False
+            self._leave_bounds(dead)
+            self.tier.kill(dead_groups)
+        self.packed.leave(members)
 
-    def _exact_sums_and_lists(self, groups: np.ndarray) -> tuple[np.ndarray, list]:
-        """Float64 sums over the unassigned points and sorted lists of the nearest ones (self excluded).
-
-        Reads the packed rows in place (a gather of the live ones would cost as much as the product).
-        """
+    def check_invariants(self) -> None:
+        """For tests, O(N D): every live group is in the tier or has a bound, never both; warm groups have
+        bounds; every copy of a row's vector, norm and position agrees with the points."""
         p = self.packed
-        alive_count = np.count_nonzero(p.alive)
-        length = min(self.list_length, alive_count - 1)
-        sums = np.empty(groups.size)
-        list_idx = np.empty((groups.size, length), dtype=np.int64)
-        list_d2 = np.empty((groups.size, length))
-        packed_groups, dead = self.first_copy[p.rows], self._on_device(np.flatnonzero(~p.alive))
-        chunk = max(1, self.product_size // p.rows.size)
-        for start in range(0, groups.size, chunk):
-            chosen = groups[start:start + chunk]
-            # copies of a chosen vector (itself included) are at exactly 0
-            copies = np.flatnonzero(np.isin(packed_groups, chosen))
-            same = self._on_device(packed_groups[copies][None, :] == chosen[:, None])
-            own = p.position[chosen]  # -1 where the group's first row was assigned and packed away
-            chosen_at, own = self._on_device(np.flatnonzero(own >= 0)), self._on_device(own[own >= 0])
-            copies = self._on_device(copies)
-            # The elementwise passes over the product are as long as it is wide: all threads for them too.
-            with cpu_threads(self.threads if chosen.size * p.x64.numel() >= PARALLEL_PRODUCT else 1):
-                d2 = squared_distances(self._on_device(self.centred(chosen)), self._on_device(self.sq_norms[chosen]),
-                                       p.x64, p.sq64)
-                d2[:, copies] = torch.where(same, 0.0, d2[:, copies])
-                d2[:, dead] = torch.inf  # neither dead rows nor itself in the lists
-                d2[chosen_at, own] = torch.inf
-                nearest = d2.topk(length, dim=1, largest=False)
-                list_d2[start:start + chunk] = nearest.values.cpu().numpy()
-                list_idx[start:start + chunk] = p.rows[nearest.indices.cpu().numpy()]
-                d2[:, dead] = 0.0  # dead rows count 0 in the sums, and so does itself
-                d2[chosen_at, own] = 0.0
-                sums[start:start + chunk] = d2.sqrt_().sum(1).cpu().numpy()
-        if length == alive_count - 1:
-            outside = np.full(groups.size, np.inf)
-        else:
-            outside = list_d2[:, -1] - self.error64 * (self.sq_norms[groups] + p.sq64.max().item())
-        return sums, list(zip(list_idx, list_d2, outside.tolist()))
+        live = np.zeros(self.first_copy.size, dtype=bool)
+        live[self.first_copy[p.rows[p.alive]]] = True
+        in_tier = np.zeros_like(live)
+        in_tier[self.tier.groups[np.isfinite(self.tier.sums)]] = True
+        assert not (in_tier & ~live).any(), "a dead group's sum is still finite"
+        assert np.array_equal(np.isfinite(self.bounds.values), live & ~in_tier), "a live group is lost or counted twice"
+        assert (self.bounds.values[live & ~in_tier] >= 0).all()
+        assert np.isfinite(self.bounds.values[self.warm.groups()]).all(), "a warm group has no bound"
+        self.tier.check_invariants(self.centred(self.tier.groups), self.sq_norms[self.tier.groups])
+        warm = self.warm.groups()
+        self.warm.check_invariants(self.centred(warm), self.sq_norms[warm], self.cells)
+        assert np.array_equal(p.position[p.rows], np.arange(p.rows.size))
+        assert np.count_nonzero(p.position >= 0) == p.rows.size, "a row packed away still has a position"
+        assert np.array_equal(p.x64.cpu().numpy()[p.alive], self.centred(p.rows[p.alive]))
+        assert np.array_equal(p.sq64.cpu().numpy()[p.alive], self.sq_norms[p.rows[p.alive]])
 
 
 def ksame_clusters(embeddings: torch.Tensor | np.ndarray, k: int, device: torch.device,

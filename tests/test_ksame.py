@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from src.cli import UserError
+from src import ksame as ksame_module
 from src.ksame import _cells, _CellSums, ksame, ksame_clusters
 from src.runtime import cpu_threads
 
@@ -214,3 +215,39 @@ def test_cell_bounds_cover_their_rounding_where_cauchy_schwarz_is_exact(dim: int
         truth = true_sums(x, live)
         for terms in (cells.terms(cells.dots(x), sq_norms), cells.terms(dots, sq_norms)):
             assert (cells.bounds(terms) >= truth).all()
+
+
+class CheckedSums(ksame_module._DistanceSums):
+    """`_DistanceSums` that checks its invariants after every step, and its bounds and neighbour lists
+    against distances from float64 differences of the input."""
+
+    def remove(self, members: np.ndarray, member_groups: np.ndarray, dead_groups: list[int]) -> None:
+        super().remove(members, member_groups, dead_groups)
+        self.check_invariants()
+        p = self.packed
+        unassigned = np.zeros(self.first_copy.size, dtype=bool)
+        unassigned[p.rows[p.alive]] = True
+        if not unassigned.any():
+            return
+        x = self.host_points.astype(np.float64)
+        outside = np.isfinite(self.bounds.values)
+        assert (self.bounds.values[outside] >= true_sums(x, unassigned)[outside]).all()
+        for group, (listed, _, below) in self.tier.lists.items():
+            unlisted = unassigned.copy()
+            unlisted[listed] = False
+            unlisted[group] = False
+            assert (np.square(x[unlisted] - x[group]).sum(1) >= below).all()
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_invariants_hold_at_every_step(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
+    """Tiny tiers, lists and warm rows, with copies, so that members are dropped, warm rows pushed out and
+    groups die in the tier; the clusters stay the reference's."""
+    monkeypatch.setattr(ksame_module, "_DistanceSums", CheckedSums)
+    rng = np.random.default_rng(k)
+    copies = rng.normal(size=(8, 12)).astype(np.float32)[rng.integers(0, 8, 30)]
+    embeddings = np.concatenate([mixture(90, seed=k), copies])
+    for top_size in (2, 8):
+        np.testing.assert_array_equal(
+            ksame_clusters(embeddings, k, CPU, block_size=8, top_size=top_size, list_length=2, cells=3),
+            reference_clusters(embeddings, k))
