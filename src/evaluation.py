@@ -12,6 +12,7 @@ noise. Privacy is always measured in the real train z-score space.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -107,11 +108,15 @@ def released_training_set(settings: ProbeSettings, data: ProbeData) -> TrainingS
     """A released file, z-scored with its own statistics as the reference does."""
     anonymizer = get_anonymizer(settings.anonymizer)
     mean, std = zscore_stats(data.released_x)
+    if anonymizer.fits_probe:  # raw inputs: z-scoring would read the private train statistics
+        mean, std = np.zeros_like(mean), np.ones_like(std)
     return TrainingSet(anonymizer.flag(settings.release), (data.released_x, data.released_y), data.released_x,
                        data.released_y, mean, std,
                        {"train": array_fingerprint(data.released_x, data.released_y),
                         "val": array_fingerprint(data.val_x, data.val_y)},
-                       {"n_released": len(data.released_x), **dp_record(data.released_meta)})
+                       {"n_released": len(data.released_x), **dp_record(data.released_meta),
+                        **({"release_s": data.released_meta["elapsed_s"]} if "elapsed_s" in data.released_meta
+                           else {})})
 
 
 def dp_record(made: dict) -> dict:
@@ -195,8 +200,16 @@ def run_probing(settings: ProbeSettings, data: ProbeData, training: TrainingSet,
         source = (torch.from_numpy(zscore(x, training.mean, training.std)).to(device), torch.from_numpy(y).to(device))
     checkpoint = probe_checkpoint_path(database_dir(settings.ckpt_root, settings.dataset, settings.backbone) / "probe",
                                        config, settings.seed, data.num_classes, training.key)
-    model, history = train_probe(source, val_x, torch.from_numpy(data.val_y).to(device), data.num_classes, config,
-                                 device, settings.seed, checkpoint)
+    anonymizer = get_anonymizer(settings.anonymizer)
+    start = time.perf_counter()
+    if anonymizer.fits_probe:
+        model, probe_record = fitted_probe(anonymizer, settings, data, device)
+    else:
+        model, history = train_probe(source, val_x, torch.from_numpy(data.val_y).to(device), data.num_classes,
+                                     config, device, settings.seed, checkpoint)
+        probe_record = {"probe": {"best_epoch": history["best_epoch"], "epochs_run": len(history["val_loss"]),
+                                  "best_val_loss": min(history["val_loss"])}}
+    probe_train_s = time.perf_counter() - start
 
     scales = {units: noise_scale(unit_std, training.std, device) for units, unit_std in
               (("released", zscore_stats(training.released_x)[1]), ("real", zscore_stats(data.train_x)[1]))}
@@ -204,14 +217,26 @@ def run_probing(settings: ProbeSettings, data: ProbeData, training: TrainingSet,
                                          settings.seed, scales[units])
                for units in dict.fromkeys(units for _, units in paths)}
     privacy = released_privacy(training.released_x, data, settings.seed, device)
-    common = {**privacy, **training.details, "num_classes": data.num_classes,
-              "probe": {"best_epoch": history["best_epoch"], "epochs_run": len(history["val_loss"]),
-                        "best_val_loss": min(history["val_loss"])},
+    common = {**privacy, **training.details, "num_classes": data.num_classes, **probe_record,
+              "probe_train_s": round(probe_train_s, 3),
               "settings": settings_record(settings),
               "device": str(device),  # what --device auto resolved to: float results differ slightly between devices
               "inputs": data.inputs, **provenance()}
     return {path: {**utility[units][sigma], "sigma": sigma, "noise_units": units, **common}
             for (sigma, units), path in paths.items()}
+
+
+def fitted_probe(anonymizer, settings: ProbeSettings, data: ProbeData,
+                 device: torch.device) -> tuple[torch.nn.Linear, dict]:
+    """A probe the anonymizer fits itself on the raw real train split (the DP probe), as an nn.Linear, and
+    what results record about it (its accounting)."""
+    weight, bias, details = anonymizer.fit_probe(data.train_x, data.train_y, data.num_classes, settings.release,
+                                                 settings.seed)
+    model = torch.nn.Linear(*weight.shape).to(device)
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(weight.T.astype(np.float32)))
+        model.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
+    return model.eval(), {"probe": {"fitted": anonymizer.name}, **dp_record(details)}
 
 
 def check_probe_outputs(settings: ProbeSettings) -> None:

@@ -26,7 +26,8 @@ SCRIPTS = ("create_db.py", "anonymize.py", "probing.py", "probing_noise.py", "pr
 
 def example_releases(anonymizer) -> list:
     """Release settings that vary every field away from its default (and the defaults themselves)."""
-    examples = {"k": [2, 10], "variance": [1.0, 0.5], "reference_objective": [False, True], "dp_epsilon": [None, 1.5]}
+    examples = {"k": [2, 10], "variance": [1.0, 0.5], "reference_objective": [False, True], "dp_epsilon": [None, 1.5],
+                "dpg_epsilon": [None, 0.5], "dpp_epsilon": [None, 2.0]}
     fields = option_fields(anonymizer.Release)
     releases = [anonymizer.Release(**{f.name: examples[f.name][0] for f in fields})]
     for f in fields:

@@ -58,6 +58,7 @@ class Anonymizer:
     seeded: ClassVar[bool] = False  # whether a release depends on --seed (and so its name carries it)
     makes_releases: ClassVar[bool] = True  # False for the real set itself
     needs_val: ClassVar[bool] = False  # whether making a release reads the val split
+    fits_probe: ClassVar[bool] = False  # True: a probe fitted by the anonymizer itself (`fit_probe`), not trained
     flag_pattern: ClassVar[str]  # regex of `flag(...)`; its named groups are read by `release_from_flag`
 
     def flag(self, release: Any) -> str:

@@ -1,0 +1,90 @@
+"""Class-conditional Gaussian release: per class a mean, one covariance pooled over the classes, and
+as many samples per class as its count; with --dpg_epsilon, every statistic comes from the Gaussian
+mechanism (src.dp_stats) and the release carries its accounting.
+
+The simplest generator a linear probe can fully use (a shared covariance makes the Bayes rule
+linear): the DP baseline a DP-CVAE release must beat. Under add/remove-one adjacency nothing in
+the release depends on N except through the noisy class counts, which set the per-class sizes.
+Privacy noise is drawn from OS entropy unless --dpg_seeded_noise_not_private; the sampling that
+follows is post-processing and uses --seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from src.anonymizers.base import NUMBER, Anonymizer, Release, ReleaseInputs
+from src.cli import UserError
+from src.options import check_options, option
+
+DEFAULT_DELTA = 1e-5  # public, fixed: a delta derived from N would reveal N
+# Public clipping radii and budget shares, chosen on the digits embedded with the same backbone
+# (docs/dp-baselines.md), never on the private split.
+DEFAULT_MEAN_CLIP = 40.0
+DEFAULT_RESIDUAL_CLIP = 20.0
+DEFAULT_SHARES = (0.05, 0.35, 0.6)  # counts, class sums, pooled scatter
+
+
+@dataclass(frozen=True)
+class GaussRelease:
+    dpg_epsilon: float | None = option(None, "DP budget epsilon of the Gaussian's statistics (none: exact, "
+                                       "non-private)", kind=float, picks_release=True, above=0)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass(frozen=True)
+class GaussMaking:
+    dpg_delta: float = option(DEFAULT_DELTA, "DP delta (public and fixed; never derived from N)", above=0,
+                              maximum=0.1)
+    dpg_mean_clip: float = option(DEFAULT_MEAN_CLIP, "DP: L2 clip of each record for the class sums", above=0)
+    dpg_residual_clip: float = option(DEFAULT_RESIDUAL_CLIP, "DP: L2 clip of each record's residual from its "
+                                      "noisy class mean, for the covariance", above=0)
+    dpg_shares: tuple[float, ...] = option(list(DEFAULT_SHARES), "DP: shares of the budget for the class counts, "
+                                           "class sums and covariance (sum 1)", kind=float, nargs=3, above=0)
+    dpg_seeded_noise_not_private: bool = option(False, "DP: draw the privacy noise from --seed, so that anyone "
+                                                "who knows the seed can remove it (tests only)")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if abs(sum(self.dpg_shares) - 1) > 1e-9:
+            raise UserError(f"--dpg_shares {' '.join(map(str, self.dpg_shares))}: the three shares must sum to 1")
+
+
+class GaussAnonymizer(Anonymizer):
+    name = "gauss"
+    Release = GaussRelease
+    Making = GaussMaking
+    seeded = True
+    flag_pattern = rf"gauss(?:-dp(?P<dp>{NUMBER}))?"
+
+    def flag(self, release: GaussRelease) -> str:
+        return "gauss" + (f"-dp{release.dpg_epsilon:g}" if release.dpg_epsilon is not None else "")
+
+    def release_from_flag(self, groups: dict[str, str]) -> GaussRelease:
+        return GaussRelease(dpg_epsilon=float(groups["dp"]) if groups["dp"] is not None else None)
+
+    def make(self, inputs: ReleaseInputs, release: GaussRelease, making: GaussMaking, seed: int,
+             device: Any) -> Release:
+        from src.dp_stats import Budget, statistics_of
+
+        budget = None if release.dpg_epsilon is None else Budget(
+            release.dpg_epsilon, making.dpg_delta, making.dpg_mean_clip, making.dpg_residual_clip,
+            making.dpg_shares, making.dpg_seeded_noise_not_private)
+        stats = statistics_of(inputs.train_x, inputs.train_y, inputs.num_classes, budget, seed)
+        embeddings, labels = sample_gaussians(stats.means(), stats.covariance(), stats.class_sizes(),
+                                              np.random.default_rng(seed))
+        return Release(embeddings.astype(np.float32), labels, {"dp": stats.dp} if stats.dp else {})
+
+
+def sample_gaussians(means: np.ndarray, covariance: np.ndarray, sizes: np.ndarray,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """sizes[c] draws from N(means[c], covariance) for each class c, in class order."""
+    values, vectors = np.linalg.eigh(covariance)
+    root = vectors * np.sqrt(np.maximum(values, 0.0))
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    samples = means[labels] + rng.standard_normal((len(labels), len(values))) @ root.T
+    return samples, labels

@@ -1,0 +1,151 @@
+"""Noisy sufficient statistics of labelled embeddings: the Gaussian mechanisms that the DP
+class-conditional Gaussian release (src/anonymizers/dp_gaussian.py) and the DP least-squares
+probe (src/anonymizers/dp_probe.py) are built from.
+
+Both read the private train split in two rounds, under add/remove-one adjacency (`src.ledger`):
+1. per-class counts (sensitivity 1) and per-class sums of rows clipped to L2 norm `mean_clip`
+   (one record changes one class's sum by at most `mean_clip`);
+2. around the released class means of round 1 (public after it), each record's residual clipped
+   to `residual_clip`, and the pooled sum of their outer products (Frobenius sensitivity
+   `residual_clip`^2; the upper triangle is noised and mirrored).
+Round 2 depends on round 1 only through round 1's output, so the rounds compose adaptively.
+The budget is split by fixed shares of one Gaussian mechanism's Renyi DP (`noise_multipliers`),
+and the ledger composes exactly what ran. N itself is never used: every size is a noisy count.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from src.cli import UserError
+from src.ledger import ADJACENCY, gaussian_noise_multiplier, spent_epsilon
+
+STATISTICS = ("counts", "sums", "scatter")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How the statistics are made private: (epsilon, delta), the public clipping radii, the budget's
+    shares (counts, sums, scatter), and whether the noise is seeded (not private: tests only)."""
+
+    epsilon: float
+    delta: float
+    mean_clip: float
+    residual_clip: float
+    shares: tuple[float, float, float]
+    seeded_noise: bool = False
+
+
+@dataclass(frozen=True)
+class NoisyStatistics:
+    """What a release or probe may use: noisy counts C, class sums C x D and pooled residual scatter D x D.
+
+    `dp` is the accounting for meta["dp"] (None for the exact statistics of the non-private versions);
+    `scatter_noise_std` the std of the scatter's noise (0 when exact).
+    """
+
+    counts: np.ndarray
+    sums: np.ndarray
+    scatter: np.ndarray
+    scatter_noise_std: float = 0.0
+    dp: dict | None = None
+
+    def class_sizes(self) -> np.ndarray:
+        """Noisy counts rounded to records, at least 0: the release's per-class sizes."""
+        return np.maximum(np.rint(self.counts), 0).astype(np.int64)
+
+    def means(self) -> np.ndarray:
+        return self.sums / np.maximum(self.counts, 1.0)[:, None]
+
+    def covariance(self) -> np.ndarray:
+        """Pooled within-class covariance: the noisy scatter over the noisy total count, made positive
+        definite by raising every eigenvalue to the noise's own spectral scale (public: it depends only
+        on the noise multiplier, the clip and D), which the noise would otherwise push below 0."""
+        total = max(float(self.counts.sum()), 1.0)
+        values, vectors = np.linalg.eigh(self.scatter / total)
+        floor = self.scatter_noise_std * 2 * math.sqrt(len(values)) / total
+        return (vectors * np.maximum(values, floor)) @ vectors.T
+
+
+def statistics_of(x: np.ndarray, y: np.ndarray, num_classes: int, budget: Budget | None,
+                  seed: int) -> NoisyStatistics:
+    """The exact statistics (budget None) or the noisy ones; non-finite or too few records are user errors."""
+    if not np.isfinite(x).all():
+        raise UserError("the train embeddings hold non-finite values (NaN or inf); recreate them with create_db.py")
+    if budget is None:
+        return exact_statistics(x, y, num_classes)
+    if budget.delta >= 1 / len(x):
+        raise UserError(f"DP delta {budget.delta:g} must be below 1/N for N = {len(x)} training records, "
+                        "or a single record could be released; give a smaller delta")
+    return noisy_statistics(x, y, num_classes, budget, noise_rng(seed if budget.seeded_noise else None))
+
+
+def clip_rows(x: np.ndarray, radius: float) -> np.ndarray:
+    """Each row scaled down to L2 norm at most `radius` (rows inside are unchanged)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x * np.minimum(1.0, radius / np.maximum(norms, 1e-300))
+
+
+def noise_multipliers(epsilon: float, delta: float, shares: dict[str, float]) -> dict[str, float]:
+    """One noise multiplier per statistic: Gaussian mechanisms with z_i = z / sqrt(share_i) have Renyi DP
+    sum_i share_i * alpha / (2 z^2), that of one mechanism with multiplier z, calibrated to (epsilon, delta)."""
+    z = gaussian_noise_multiplier(epsilon, delta)
+    return {name: z / math.sqrt(share) for name, share in shares.items()}
+
+
+def noise_rng(seed: int | None) -> np.random.Generator:
+    """Privacy noise: from OS entropy (never stored) unless a seed is given, which voids the guarantee."""
+    return np.random.default_rng(seed)
+
+
+def symmetric_noise(dim: int, std: float, rng: np.random.Generator) -> np.ndarray:
+    """A symmetric D x D matrix whose upper triangle (diagonal included) is iid N(0, std^2)."""
+    upper = np.triu(rng.normal(0.0, std, (dim, dim)))
+    return upper + np.triu(upper, 1).T
+
+
+def class_sums(x: np.ndarray, onehot: np.ndarray, mean_clip: float) -> np.ndarray:
+    """Per-class sums of rows clipped to `mean_clip`: L2 sensitivity `mean_clip` (one row, one class)."""
+    return onehot.T @ clip_rows(x, mean_clip)
+
+
+def residual_scatter(x: np.ndarray, y: np.ndarray, means: np.ndarray, residual_clip: float) -> np.ndarray:
+    """Pooled sum of r r^T over records, r = row minus its class's (released) mean, clipped to
+    `residual_clip`: Frobenius sensitivity `residual_clip`^2 for fixed means."""
+    residuals = clip_rows(x - means[y], residual_clip)
+    return residuals.T @ residuals
+
+
+def exact_statistics(x: np.ndarray, y: np.ndarray, num_classes: int) -> NoisyStatistics:
+    """The same statistics without clipping or noise: the non-private versions of both methods."""
+    x = np.asarray(x, dtype=np.float64)
+    onehot = np.eye(num_classes)[y]
+    counts = onehot.sum(axis=0)
+    sums = onehot.T @ x
+    residuals = x - (sums / np.maximum(counts, 1.0)[:, None])[y]
+    return NoisyStatistics(counts, sums, residuals.T @ residuals)
+
+
+def noisy_statistics(x: np.ndarray, y: np.ndarray, num_classes: int, budget: Budget,
+                     rng: np.random.Generator) -> NoisyStatistics:
+    """The two rounds of the module docstring, with their accounting."""
+    shares = dict(zip(STATISTICS, budget.shares))
+    if not all(share > 0 for share in shares.values()) or not math.isclose(sum(shares.values()), 1.0):
+        raise ValueError(f"shares {shares} must give each statistic a positive part, summing to 1")
+    epsilon, delta, mean_clip, residual_clip = budget.epsilon, budget.delta, budget.mean_clip, budget.residual_clip
+    x = np.asarray(x, dtype=np.float64)
+    z = noise_multipliers(epsilon, delta, shares)
+    onehot = np.eye(num_classes)[y]
+    counts = onehot.sum(axis=0) + rng.normal(0.0, z["counts"], num_classes)
+    sums = class_sums(x, onehot, mean_clip) + rng.normal(0.0, z["sums"] * mean_clip, (num_classes, x.shape[1]))
+    means = sums / np.maximum(counts, 1.0)[:, None]
+    scatter_std = z["scatter"] * residual_clip ** 2
+    scatter = residual_scatter(x, y, means, residual_clip) + symmetric_noise(x.shape[1], scatter_std, rng)
+    mechanisms = [{"mechanism": "gaussian", "noise_multiplier": z[name], "count": 1} for name in STATISTICS]
+    dp = {"relation": ADJACENCY, "mechanisms": mechanisms, "target_epsilon": epsilon,
+          "spent_epsilon": spent_epsilon(mechanisms, delta), "delta": delta,
+          "statistics": {name: {"noise_multiplier": z[name], "share": shares[name]} for name in STATISTICS},
+          "mean_clip": mean_clip, "residual_clip": residual_clip, "seeded_noise_not_private": budget.seeded_noise}
+    return NoisyStatistics(counts, sums, scatter, scatter_std, dp)
