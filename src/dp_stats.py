@@ -2,13 +2,17 @@
 class-conditional Gaussian release (src/anonymizers/dp_gaussian.py) and the DP least-squares
 probe (src/anonymizers/dp_probe.py) are built from.
 
-Both read the private train split in two rounds, under add/remove-one adjacency (`src.ledger`):
-1. per-class counts (sensitivity 1) and per-class sums of rows clipped to L2 norm `mean_clip`
-   (one record changes one class's sum by at most `mean_clip`);
-2. around the released class means of round 1 (public after it), each record's residual clipped
+Both read the private train split in three rounds, under add/remove-one adjacency (`src.ledger`):
+0. per-class counts (sensitivity 1) and the sum of all rows clipped to L2 norm `center_clip`
+   (sensitivity `center_clip`): their ratio is a centre c. Embeddings share a large common part
+   (DINOv2-S rows have norms near 40, their class means differ by far less), which clipping
+   around c instead of 0 keeps out of the next round's noise;
+1. per-class sums of (row - c) clipped to `mean_clip` (one record changes one class's sum by at
+   most `mean_clip`): class means c + sum / count;
+2. around the released class means (public after round 1), each record's residual clipped
    to `residual_clip`, and the pooled sum of their outer products (Frobenius sensitivity
    `residual_clip`^2; the upper triangle is noised and mirrored).
-Round 2 depends on round 1 only through round 1's output, so the rounds compose adaptively.
+Each round depends on the earlier ones only through their output, so the rounds compose adaptively.
 The budget is split by fixed shares of one Gaussian mechanism's Renyi DP (`noise_multipliers`),
 and the ledger composes exactly what ran. N itself is never used: every size is a noisy count.
 """
@@ -22,32 +26,33 @@ import numpy as np
 from src.cli import UserError
 from src.ledger import ADJACENCY, gaussian_noise_multiplier, spent_epsilon
 
-STATISTICS = ("counts", "sums", "scatter")
+STATISTICS = ("counts", "centre", "sums", "scatter")
 
 
 @dataclass(frozen=True)
 class Budget:
     """How the statistics are made private: (epsilon, delta), the public clipping radii, the budget's
-    shares (counts, sums, scatter), and whether the noise is seeded (not private: tests only)."""
+    shares (counts, centre, sums, scatter), and whether the noise is seeded (not private: tests only)."""
 
     epsilon: float
     delta: float
+    center_clip: float
     mean_clip: float
     residual_clip: float
-    shares: tuple[float, float, float]
+    shares: tuple[float, float, float, float]
     seeded_noise: bool = False
 
 
 @dataclass(frozen=True)
 class NoisyStatistics:
-    """What a release or probe may use: noisy counts C, class sums C x D and pooled residual scatter D x D.
+    """What a release or probe may use: noisy counts C, class means C x D and pooled residual scatter D x D.
 
     `dp` is the accounting for meta["dp"] (None for the exact statistics of the non-private versions);
     `scatter_noise_std` the std of the scatter's noise (0 when exact).
     """
 
     counts: np.ndarray
-    sums: np.ndarray
+    means: np.ndarray
     scatter: np.ndarray
     scatter_noise_std: float = 0.0
     dp: dict | None = None
@@ -56,16 +61,14 @@ class NoisyStatistics:
         """Noisy counts rounded to records, at least 0: the release's per-class sizes."""
         return np.maximum(np.rint(self.counts), 0).astype(np.int64)
 
-    def means(self) -> np.ndarray:
-        return self.sums / np.maximum(self.counts, 1.0)[:, None]
-
     def covariance(self) -> np.ndarray:
         """Pooled within-class covariance: the noisy scatter over the noisy total count, made positive
-        definite by raising every eigenvalue to the noise's own spectral scale (public: it depends only
-        on the noise multiplier, the clip and D), which the noise would otherwise push below 0."""
+        definite by raising every eigenvalue to a quarter of the noise's spectral norm 2 sqrt(D) std
+        (public: it depends only on the noise multiplier, the clip and D; on the digits a quarter
+        beat 1/10, 1/2, 1 and 2), which the noise would otherwise push below 0."""
         total = max(float(self.counts.sum()), 1.0)
         values, vectors = np.linalg.eigh(self.scatter / total)
-        floor = self.scatter_noise_std * 2 * math.sqrt(len(values)) / total
+        floor = 0.25 * self.scatter_noise_std * 2 * math.sqrt(len(values)) / total
         return (vectors * np.maximum(values, floor)) @ vectors.T
 
 
@@ -123,9 +126,9 @@ def exact_statistics(x: np.ndarray, y: np.ndarray, num_classes: int) -> NoisySta
     x = np.asarray(x, dtype=np.float64)
     onehot = np.eye(num_classes)[y]
     counts = onehot.sum(axis=0)
-    sums = onehot.T @ x
-    residuals = x - (sums / np.maximum(counts, 1.0)[:, None])[y]
-    return NoisyStatistics(counts, sums, residuals.T @ residuals)
+    means = (onehot.T @ x) / np.maximum(counts, 1.0)[:, None]
+    residuals = x - means[y]
+    return NoisyStatistics(counts, means, residuals.T @ residuals)
 
 
 def noisy_statistics(x: np.ndarray, y: np.ndarray, num_classes: int, budget: Budget,
@@ -139,13 +142,18 @@ def noisy_statistics(x: np.ndarray, y: np.ndarray, num_classes: int, budget: Bud
     z = noise_multipliers(epsilon, delta, shares)
     onehot = np.eye(num_classes)[y]
     counts = onehot.sum(axis=0) + rng.normal(0.0, z["counts"], num_classes)
-    sums = class_sums(x, onehot, mean_clip) + rng.normal(0.0, z["sums"] * mean_clip, (num_classes, x.shape[1]))
-    means = sums / np.maximum(counts, 1.0)[:, None]
+    total = clip_rows(x, budget.center_clip).sum(axis=0) + rng.normal(0.0, z["centre"] * budget.center_clip,
+                                                                      x.shape[1])
+    centre = total / max(float(counts.sum()), 1.0)
+    sums = (class_sums(x - centre, onehot, mean_clip)
+            + rng.normal(0.0, z["sums"] * mean_clip, (num_classes, x.shape[1])))
+    means = centre + sums / np.maximum(counts, 1.0)[:, None]
     scatter_std = z["scatter"] * residual_clip ** 2
     scatter = residual_scatter(x, y, means, residual_clip) + symmetric_noise(x.shape[1], scatter_std, rng)
     mechanisms = [{"mechanism": "gaussian", "noise_multiplier": z[name], "count": 1} for name in STATISTICS]
     dp = {"relation": ADJACENCY, "mechanisms": mechanisms, "target_epsilon": epsilon,
           "spent_epsilon": spent_epsilon(mechanisms, delta), "delta": delta,
           "statistics": {name: {"noise_multiplier": z[name], "share": shares[name]} for name in STATISTICS},
-          "mean_clip": mean_clip, "residual_clip": residual_clip, "seeded_noise_not_private": budget.seeded_noise}
-    return NoisyStatistics(counts, sums, scatter, scatter_std, dp)
+          "center_clip": budget.center_clip, "mean_clip": mean_clip, "residual_clip": residual_clip,
+          "seeded_noise_not_private": budget.seeded_noise}
+    return NoisyStatistics(counts, means, scatter, scatter_std, dp)
