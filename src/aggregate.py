@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import math
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -28,12 +29,16 @@ from src.anonymizers import ANONYMIZERS, anonymizer_of_flag
 from src.cli import ArgumentParser, UserError, check_finite, run_cli
 from src.io import atomic_path
 from src.ledger import ADJACENCY, split_ledger
-from src.metric_registry import KNOWN, METRICS as REGISTERED, PAPER, table_metrics
+from src.metric_registry import KNOWN, METRICS as REGISTERED, PAPER, TIMING, table_metrics
+from src.anonymizers.base import NUMBER
 from src.naming import parse_result_name
 
 TABLE_METRICS = table_metrics(PAPER)  # the paper's utility + privacy
 KNOWN_METRICS = table_metrics(KNOWN)  # the metrics users of synthcity / SDMetrics know, in a table of their own
 METRICS = tuple(metric.name for metric in REGISTERED)  # every metric summary.csv holds
+DP_LABEL = re.compile(rf"^(?P<method>.+?)-dp(?P<epsilon>{NUMBER})$")  # a DP column: <method>-dp<epsilon>
+CURVE_METRICS = ("auc", "accuracy")
+TIME_METRICS = table_metrics(TIMING)  # seconds to make the release, and to train the probe on it
 PRIVACY_AXES = ("average_mindistance", "mia_auc")  # y axes of the privacy-utility plot
 STD_NOTE = "mean ± sample std (ddof=1) over seeds; n = number of seeds when not all cells have the same"
 
@@ -330,6 +335,63 @@ def plot_figures(cells: list[Cell], out_dir: Path) -> list[Path]:
         axes[0][-1].legend(handles=handles, fontsize="small", loc="best")
         written.append(save_figure(figure, out_dir / "privacy_utility.png"))
         plt.close(figure)
+    return written + plot_dp_curve(cells, out_dir, plt)
+
+
+def dp_curve(cells: list[Cell]) -> dict[tuple[str, str, str], dict[float, Cell]]:
+    """Cells of the privacy-utility curve at sigma 0, by (dataset, method, metric) and epsilon (inf: no DP).
+
+    A method is a column label without its `-dp<epsilon>`; its non-DP column is the point at inf.
+    Empty when no column is a DP one."""
+    base = [c for c in cells if c.sigma == 0 and c.units == "released"]
+    methods = {DP_LABEL.match(c.anonymizer)["method"] for c in base if DP_LABEL.match(c.anonymizer)}
+    curve: dict[tuple[str, str, str], dict[float, Cell]] = {}
+    for cell in base:
+        match = DP_LABEL.match(cell.anonymizer)
+        method, epsilon = (match["method"], float(match["epsilon"])) if match else (cell.anonymizer, math.inf)
+        if methods and (method in methods or method == "identity"):
+            curve.setdefault((cell.dataset, method, cell.metric), {})[epsilon] = cell
+    return curve
+
+
+def dp_curve_table(cells: list[Cell]) -> str:
+    """Markdown: per dataset and metric (AUC, accuracy, seconds), a row per method, a column per epsilon."""
+    curve = dp_curve(cells)
+    parts = []
+    for dataset in dict.fromkeys(d for d, _, _ in curve):
+        for metric in (*CURVE_METRICS, *TIME_METRICS):
+            rows = {m: points for (d, m, name), points in curve.items() if d == dataset and name == metric}
+            if not rows:
+                continue
+            epsilons = sorted({e for points in rows.values() for e in points})
+            places = decimals([c for points in rows.values() for c in points.values()])
+            full_n = max(c.n for points in rows.values() for c in points.values())
+            table = [[method] + [cell_text(points.get(e), places, full_n) for e in epsilons]
+                     for method, points in sorted(rows.items(), key=lambda item: anonymizer_order(item[0]))]
+            header = ["method"] + [f"eps={e:g}" if math.isfinite(e) else "no DP" for e in epsilons]
+            parts.append(f"### {dataset}: {metric} against epsilon\n\n" + markdown_table(header, table))
+    return "\n".join(parts)
+
+
+def plot_dp_curve(cells: list[Cell], out_dir: Path, plt) -> list[Path]:
+    """AUC and accuracy against epsilon per dataset, a line per method (no DP drawn as a dashed line)."""
+    curve, written = dp_curve(cells), []
+    for dataset in dict.fromkeys(d for d, _, _ in curve):
+        figure, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(5 * len(CURVE_METRICS), 3.8), squeeze=False)
+        for axis, metric in zip(axes[0], CURVE_METRICS):
+            rows = {m: points for (d, m, name), points in curve.items() if d == dataset and name == metric}
+            for index, (method, points) in enumerate(sorted(rows.items(), key=lambda i: anonymizer_order(i[0]))):
+                finite = sorted(e for e in points if math.isfinite(e))
+                if finite:
+                    axis.errorbar(finite, [points[e].mean for e in finite], marker="o", capsize=3, color=f"C{index}",
+                                  yerr=[0.0 if points[e].n == 1 else points[e].std for e in finite], label=method)
+                if math.inf in points:
+                    axis.axhline(points[math.inf].mean, color=f"C{index}", linestyle="--",
+                                 label=f"{method} (no DP)")
+            axis.set(xscale="log", xlabel="epsilon (delta 1e-5)", ylabel=f"{metric} (%)", title=dataset)
+        axes[0][-1].legend(fontsize="small")
+        written.append(save_figure(figure, out_dir / f"dp_curve_{dataset}.png"))
+        plt.close(figure)
     return written
 
 
@@ -373,9 +435,12 @@ def aggregate(paths: Iterable[Path], out_dir: Path, warn_epsilon: float | None =
             for text, suffix in zip(metric_tables(cells, metric, sigma, units), ("md", "csv", "tex")):
                 write_text(out_dir / f"{name}.{suffix}", text)
     write_text(out_dir / "summary.csv", summary_csv(cells))
+    curve = dp_curve_table(cells)
+    if curve:
+        write_text(out_dir / "dp_curve.md", curve)
     ledger, ledger_warnings = privacy_ledger(results, warn_epsilon)
-    text = report(cells) + (f"\n{ledger}" if ledger else "") + "".join(f"\n{line}\n" for line in
-                                                                      [warning, *ledger_warnings] if line)
+    text = (report(cells) + (f"\n{curve}\n" if curve else "") + (f"\n{ledger}" if ledger else "")
+            + "".join(f"\n{line}\n" for line in [warning, *ledger_warnings] if line))
     for line in [warning, *ledger_warnings]:
         if line:
             print(line, file=sys.stderr)

@@ -12,6 +12,8 @@ noise. Privacy is always measured in the real train z-score space.
 """
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,7 +27,8 @@ from src.cli import UserError
 from src.io import (array_fingerprint, check_output_folder, declared_classes, file_fingerprint, load_database,
                     provenance, write_json)
 from src.metrics import accuracy, auroc, balanced_accuracy, check_sizes, nearest_neighbours, privacy_metrics
-from src.naming import create_db_command, database_dir, database_paths, release_hint, release_path, result_paths
+from src.naming import (create_db_command, database_dir, database_paths, private_sidecar_path, release_hint,
+                         release_path, result_paths)
 from src.options import settings_record
 from src.probe import TrainSource, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
 from src.runtime import resolve_device, seed_everything
@@ -60,6 +63,9 @@ def load_probe_data(settings: StageSettings, released_path: Path | None = None, 
         released_x, released_y = splits["train"]
     else:
         released_x, released_y, released_meta = load_database(released_path, released_hint)
+        sidecar = private_sidecar_path(released_path)  # a DP release's timing is kept out of it, beside it
+        if "dp" in released_meta and sidecar.is_file():
+            released_meta = {**json.loads(sidecar.read_text()), **released_meta}
 
     dims = {path: x.shape[1] for path, (x, _) in [*zip(paths.values(), splits.values()),
                                                    (released_path, (released_x, released_y))]}
@@ -107,11 +113,15 @@ def released_training_set(settings: ProbeSettings, data: ProbeData) -> TrainingS
     """A released file, z-scored with its own statistics as the reference does."""
     anonymizer = get_anonymizer(settings.anonymizer)
     mean, std = zscore_stats(data.released_x)
+    if anonymizer.fits_probe:  # raw inputs: z-scoring would read the private train statistics
+        mean, std = np.zeros_like(mean), np.ones_like(std)
     return TrainingSet(anonymizer.flag(settings.release), (data.released_x, data.released_y), data.released_x,
                        data.released_y, mean, std,
                        {"train": array_fingerprint(data.released_x, data.released_y),
                         "val": array_fingerprint(data.val_x, data.val_y)},
-                       {"n_released": len(data.released_x), **dp_record(data.released_meta)})
+                       {"n_released": len(data.released_x), **dp_record(data.released_meta),
+                        **({"release_s": data.released_meta["elapsed_s"]} if "elapsed_s" in data.released_meta
+                           else {})})
 
 
 def dp_record(made: dict) -> dict:
@@ -193,8 +203,16 @@ def run_probing(settings: ProbeSettings, data: ProbeData, training: TrainingSet,
         source = (torch.from_numpy(zscore(x, training.mean, training.std)).to(device), torch.from_numpy(y).to(device))
     checkpoint = probe_checkpoint_path(database_dir(settings.ckpt_root, settings.dataset, settings.backbone) / "probe",
                                        settings.training, settings.seed, data.num_classes, training.key)
-    model, history = train_probe(source, val_x, torch.from_numpy(data.val_y).to(device), data.num_classes,
-                                 settings.training, device, settings.seed, checkpoint)
+    anonymizer = get_anonymizer(settings.anonymizer)
+    start = time.perf_counter()
+    if anonymizer.fits_probe:
+        model, probe_record = fitted_probe(anonymizer, settings, data, device)
+    else:
+        model, history = train_probe(source, val_x, torch.from_numpy(data.val_y).to(device), data.num_classes,
+                                     settings.training, device, settings.seed, checkpoint)
+        probe_record = {"probe": {"best_epoch": history["best_epoch"], "epochs_run": len(history["val_loss"]),
+                                  "best_val_loss": min(history["val_loss"])}}
+    probe_train_s = time.perf_counter() - start
 
     scales = {units: noise_scale(unit_std, training.std, device) for units, unit_std in
               (("released", zscore_stats(training.released_x)[1]), ("real", zscore_stats(data.train_x)[1]))}
@@ -202,14 +220,26 @@ def run_probing(settings: ProbeSettings, data: ProbeData, training: TrainingSet,
                                          settings.seed, scales[units])
                for units in dict.fromkeys(units for _, units in paths)}
     privacy = released_privacy(training.released_x, data, settings.seed, device)
-    common = {**privacy, **training.details, "num_classes": data.num_classes,
-              "probe": {"best_epoch": history["best_epoch"], "epochs_run": len(history["val_loss"]),
-                        "best_val_loss": min(history["val_loss"])},
+    common = {**privacy, **training.details, "num_classes": data.num_classes, **probe_record,
+              "probe_train_s": round(probe_train_s, 3),
               "settings": settings_record(settings),
               "device": str(device),  # what --device auto resolved to: float results differ slightly between devices
               "inputs": data.inputs, **provenance()}
     return {path: {**utility[units][sigma], "sigma": sigma, "noise_units": units, **common}
             for (sigma, units), path in paths.items()}
+
+
+def fitted_probe(anonymizer, settings: ProbeSettings, data: ProbeData,
+                 device: torch.device) -> tuple[torch.nn.Linear, dict]:
+    """A probe the anonymizer fits itself on the raw real train split (the DP probe), as an nn.Linear, and
+    what results record about it (its accounting)."""
+    weight, bias, details = anonymizer.fit_probe(data.train_x, data.train_y, data.num_classes, settings.release,
+                                                 settings.seed)
+    model = torch.nn.Linear(*weight.shape).to(device)
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(weight.T.astype(np.float32)))
+        model.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
+    return model.eval(), {"probe": {"fitted": anonymizer.name}, **dp_record(details)}
 
 
 def check_probe_outputs(settings: ProbeSettings) -> None:

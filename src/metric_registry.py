@@ -2,7 +2,8 @@
 privacy and fidelity metrics follow from its neighbour distances.
 
 Tables (src.aggregate) are made from it: PAPER, the paper's utility and privacy table; KNOWN, the privacy
-and fidelity metrics users of synthcity, SDMetrics, prdc and DOMIAS know; RECORDED, in summary.csv only.
+and fidelity metrics users of synthcity, SDMetrics, prdc and DOMIAS know; RECORDED, in summary.csv only;
+TIMING, seconds (summary.csv and the DP curve's tables), which no two runs share.
 A new release metric is a function of `ReleaseNeighbours` and one line in METRICS: the probes compute and
 record it (src.metrics.privacy_metrics) and the aggregate tables it, with no other edit. A metric without
 a function is recorded by the probe itself (utility) or by the release's accounting (DP).
@@ -17,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-PAPER, KNOWN, RECORDED = "paper", "known", "recorded"
+PAPER, KNOWN, RECORDED, TIMING = "paper", "known", "recorded", "timing"
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,8 @@ METRICS = (
     Metric("share_closer_than_real_nn", RECORDED, share_closer_than_real_nn),
     Metric("real_nn_p50", RECORDED, real_nn_p50),
     Metric("average_mindistance_reference_space", RECORDED),  # the paper's distance as the reference computes it
+    Metric("release_s", TIMING),  # seconds to make the release (its meta, or a DP release's private sidecar)
+    Metric("probe_train_s", TIMING),  # seconds to train (or fit) the probe
 )
 
 

@@ -155,3 +155,25 @@ def test_noise_units_get_tables_of_their_own(tmp_path: Path):
     assert "auc against test noise, noise in each released set's z-units" in text
     assert "| cvae | 95.00 ± 0.00 | 88.50 ± 0.71 |" in text and "| cvae | 95.00 ± 0.00 | 80.50 ± 0.71 |" in text
     assert (tmp_path / "tables" / "auc_sigma-4-real.md").read_text().splitlines()[2] == "| digits | 80.50 ± 0.71 |"
+
+
+def test_dp_curve_has_a_row_per_method_and_a_column_per_epsilon(tmp_path: Path):
+    folder = tmp_path / "results"
+    for seed in (0, 1):
+        write_result(folder, f"fm_identity-s{seed}", 98.0 + seed, accuracy=86.0)
+        write_result(folder, f"fm_lsq-s{seed}", 97.0, accuracy=84.0, probe_train_s=0.5)
+        for epsilon, auc in ((1, 90.0), (8, 95.0)):
+            write_result(folder, f"fm_lsq-dp{epsilon}-s{seed}", auc + seed, accuracy=auc - 10, probe_train_s=0.25)
+            write_result(folder, f"fm_gauss-dp{epsilon}-s{seed}", auc - 2, accuracy=auc - 12, release_s=1.0)
+    write_result(folder, "fm_ksame-5-s0", 80.0)  # no DP version: not on the curve
+    out = tmp_path / "tables"
+    report = aggregate(find_results(folder), out)
+    table = (out / "dp_curve.md").read_text()
+    assert "### fm: auc against epsilon" in report
+    auc = table.split("### fm: accuracy")[0].splitlines()
+    assert auc[2] == "| method | eps=1 | eps=8 | no DP |"
+    assert auc[4:7] == ["| identity | – | – | 98.50 ± 0.71 |", "| gauss | 88.00 ± 0.00 | 93.00 ± 0.00 | – |",
+                        "| lsq | 90.50 ± 0.71 | 95.50 ± 0.71 | 97.00 ± 0.00 |"]
+    assert "ksame" not in table and "### fm: probe_train_s against epsilon" in table
+    if "matplotlib" in sys.modules or __import__("importlib").util.find_spec("matplotlib"):
+        assert (out / "dp_curve_fm.png").is_file()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 from functools import partial
+import gzip
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from medmnist import INFO as MEDMNIST_INFO
 from torchvision import datasets
 
 from src.data import DATASETS, SPLITS, DatasetOptions, load_split
+from src.data.fashionmnist import SYSTEM_FOLDER
 from src.data.medimeta import MEDIMETA_TASKS
 from src.data.medmnist import MEDMNIST_FLAGS
 from src.data.octdl import OCTDL_CLASSES, build_octdl_tree
@@ -41,7 +43,7 @@ def split_of(split) -> list[str]:
 
 def test_registry_has_every_paper_dataset_and_only_2d_medmnist():
     for name in ("breastmnist", "pathmnist", "organs_axial", "skinl_derm", "octdl", "dtd", "aircraft",
-                 "stl10", "oxford-pets", "digits"):
+                 "stl10", "oxford-pets", "digits", "fashionmnist", "fashionmnist-10k"):
         assert name in DATASETS
     assert not any(name.endswith("3d") for name in DATASETS)
     with pytest.raises(UserError, match="imagefolder:<path>"):
@@ -505,6 +507,85 @@ def test_imagefolder_class_order_is_the_union_of_all_splits(tmp_path):
         load_split(f"imagefolder:{tmp_path / 'mine'}", Path("unused"), "train")
 
 
+# ---------------------------------------------------------------- Fashion-MNIST
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file of unsigned bytes, gzipped, as LeCun's and Zalando's distributions store them."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def write_fashionmnist(raw: Path, per_class: dict[str, int], seed: int = 0) -> dict[str, tuple]:
+    rng = np.random.default_rng(seed)
+    parts = {}
+    for part, prefix in (("train", "train"), ("test", "t10k")):
+        labels = np.repeat(np.arange(10, dtype=np.uint8), per_class[part])
+        rng.shuffle(labels)
+        images = rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        parts[part] = (images, labels)
+    return parts
+
+
+def test_fashionmnist_reads_idx_gz_like_torchvision_with_a_fixed_stratified_val(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    parts = write_fashionmnist(raw, {"train": 20, "test": 3})
+    # torchvision's own IDX reader is the oracle for the decoding
+    from torchvision.datasets.mnist import read_image_file
+    for part, prefix in (("train", "train"), ("test", "t10k")):
+        with gzip.open(raw / f"{prefix}-images-idx3-ubyte.gz") as src, open(tmp_path / "x", "wb") as dst:
+            dst.write(src.read())
+        np.testing.assert_array_equal(read_image_file(str(tmp_path / "x")).numpy(), parts[part][0])
+    test = load_split("fashionmnist", tmp_path, "test")
+    np.testing.assert_array_equal(test.images[..., 0], parts["test"][0])
+    np.testing.assert_array_equal(test.labels, parts["test"][1])
+    assert test.class_names == datasets.FashionMNIST.classes and test.source["path"] == str(raw.resolve())
+    train, val = load_split("fashionmnist", tmp_path, "train"), load_split("fashionmnist", tmp_path, "val")
+    assert (len(train), len(val)) == (180, 20) and np.bincount(val.labels).tolist() == [2] * 10
+    # the two parts are the official train set, disjoint, each row with its own label
+    images, labels = parts["train"]
+    rows = {image.tobytes(): label for image, label in zip(images, labels)}
+    seen = [image.tobytes() for image in np.concatenate([train.images, val.images])[..., 0]]
+    assert sorted(seen) == sorted(rows)
+    assert [rows[image[..., 0].tobytes()] for image in val.images] == val.labels.tolist()
+    again = load_split("fashionmnist", tmp_path, "val")
+    np.testing.assert_array_equal(again.images, val.images)
+
+
+def test_fashionmnist_10k_is_a_stratified_subset_of_the_full_splits(tmp_path):
+    write_fashionmnist(tmp_path / "FashionMNIST" / "raw", {"train": 1200, "test": 250})
+    for split, size in (("train", 10_000), ("val", 1_000), ("test", 2_000)):
+        full, small = load_split("fashionmnist", tmp_path, split), load_split("fashionmnist-10k", tmp_path, split)
+        assert len(small) == size and np.bincount(small.labels).tolist() == [size // 10] * 10
+        assert {row.tobytes() for row in small.images} <= {row.tobytes() for row in full.images}
+
+
+def test_fashionmnist_malformed_or_missing_files_are_one_line_errors(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_fashionmnist(raw, {"train": 2, "test": 1})
+    labels = raw / "train-labels-idx1-ubyte.gz"
+    write_idx(labels, np.zeros((20, 2), dtype=np.uint8))  # 2-d where labels are 1-d
+    with pytest.raises(UserError, match=r"train-labels-idx1-ubyte\.gz is not an IDX file") as err:
+        load_split("fashionmnist", tmp_path, "train")
+    assert "\n" not in str(err.value)
+    with gzip.open(labels, "wb") as handle:  # header says 20 labels, 3 bytes follow
+        handle.write(bytes([0, 0, 8, 1]) + np.asarray([20], dtype=">u4").tobytes() + bytes(3))
+    with pytest.raises(UserError, match=r"header says \(20,\)"):
+        load_split("fashionmnist", tmp_path, "train")
+    labels.write_bytes(b"not gzip")
+    with pytest.raises(UserError, match=r"not a readable \.gz file"):
+        load_split("fashionmnist", tmp_path, "train")
+
+
+@pytest.mark.skipif(SYSTEM_FOLDER.is_dir(), reason="Debian's dataset-fashion-mnist is installed here")
+def test_fashionmnist_missing_names_the_files_and_the_package(tmp_path):
+    with pytest.raises(UserError, match=r"FashionMNIST/raw \(apt-get install dataset-fashion-mnist"):
+        load_split("fashionmnist", tmp_path, "train")
+
+
 # ---------------------------------------------------------------- the whole registry
 
 def write_octdl(root: Path) -> None:
@@ -535,6 +616,8 @@ FIXTURES = {
     "aircraft": write_aircraft,
     "stl10": write_stl10_parts,
     "oxford-pets": write_oxford_pets,
+    "fashionmnist": lambda root: write_fashionmnist(root / "FashionMNIST" / "raw", {"train": 20, "test": 3}),
+    "fashionmnist-10k": lambda root: write_fashionmnist(root / "FashionMNIST" / "raw", {"train": 1200, "test": 250}),
 }
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from src.anonymizers.base import Anonymizer
 from src.anonymizers.cvae import CVAEAnonymizer
+from src.anonymizers.dp_gaussian import GaussAnonymizer
+from src.anonymizers.dp_probe import DPProbe
 from src.anonymizers.identity import Identity
 from src.anonymizers.ksame import KSame
 from src.cli import UserError
@@ -20,6 +22,8 @@ ANONYMIZERS: dict[str, Anonymizer] = {
     "identity": Identity(),
     "ksame": KSame(),
     "cvae": CVAEAnonymizer(),
+    "gauss": GaussAnonymizer(),
+    "lsq": DPProbe(),  # not a release: the DP least-squares probe on the real train set
 }
 
 

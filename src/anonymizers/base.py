@@ -82,6 +82,7 @@ class Anonymizer:
     # None: never). "ksame-{k}" gives ksame-5; "cvae[-v{variance}][-ref{reference_objective}]" gives cvae,
     # cvae-v0.5, cvae-ref. No '_' (it separates a result file name's parts).
     name_format: ClassVar[str]
+    fits_probe: ClassVar[bool] = False  # True: a probe fitted by the anonymizer itself (`fit_probe`), not trained
 
     def _segments(self) -> list[tuple[str, str | None, str, bool]]:
         """`name_format` as (text before, field or None, text after, optional) pieces, the name first."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from src.data.base import SPLITS, DatasetOptions, ImageSplit, Loader
 from src.data.digits import load_digits_split
+from src.data.fashionmnist import SMALL_SIZES, fashionmnist_loader
 from src.data.imagefolder import load_imagefolder_split
 from src.data.medimeta import MEDIMETA_TASKS, medimeta_loader
 from src.data.medmnist import MEDMNIST_FLAGS, medmnist_loader
@@ -29,6 +30,8 @@ DATASETS: dict[str, Loader] = {
     "aircraft": load_aircraft_split,
     "stl10": load_stl10_split,
     "oxford-pets": load_oxford_pets_split,
+    "fashionmnist": fashionmnist_loader(None),
+    "fashionmnist-10k": fashionmnist_loader(SMALL_SIZES),  # stratified 10,000 / 1,000 / 2,000
 }
 
 

@@ -1,0 +1,159 @@
+"""Noisy sufficient statistics of labelled embeddings: the Gaussian mechanisms that the DP
+class-conditional Gaussian release (src/anonymizers/dp_gaussian.py) and the DP least-squares
+probe (src/anonymizers/dp_probe.py) are built from.
+
+Both read the private train split in three rounds, under add/remove-one adjacency (`src.ledger`):
+0. per-class counts (sensitivity 1) and the sum of all rows clipped to L2 norm `center_clip`
+   (sensitivity `center_clip`): their ratio is a centre c. Embeddings share a large common part
+   (DINOv2-S rows have norms near 40, their class means differ by far less), which clipping
+   around c instead of 0 keeps out of the next round's noise;
+1. per-class sums of (row - c) clipped to `mean_clip` (one record changes one class's sum by at
+   most `mean_clip`): class means c + sum / count;
+2. around the released class means (public after round 1), each record's residual clipped
+   to `residual_clip`, and the pooled sum of their outer products (Frobenius sensitivity
+   `residual_clip`^2; the upper triangle is noised and mirrored).
+Each round depends on the earlier ones only through their output, so the rounds compose adaptively.
+The budget is split by fixed shares of one Gaussian mechanism's Renyi DP (`noise_multipliers`),
+and the ledger composes exactly what ran. N itself is never used: every size is a noisy count.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from src.cli import UserError
+from src.ledger import ADJACENCY, gaussian_noise_multiplier, spent_epsilon
+
+STATISTICS = ("counts", "centre", "sums", "scatter")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How the statistics are made private: (epsilon, delta), the public clipping radii, the budget's
+    shares (counts, centre, sums, scatter), and whether the noise is seeded (not private: tests only)."""
+
+    epsilon: float
+    delta: float
+    center_clip: float
+    mean_clip: float
+    residual_clip: float
+    shares: tuple[float, float, float, float]
+    seeded_noise: bool = False
+
+
+@dataclass(frozen=True)
+class NoisyStatistics:
+    """What a release or probe may use: noisy counts C, class means C x D and pooled residual scatter D x D.
+
+    `dp` is the accounting for meta["dp"] (None for the exact statistics of the non-private versions);
+    `scatter_noise_std` the std of the scatter's noise (0 when exact).
+    """
+
+    counts: np.ndarray
+    means: np.ndarray
+    scatter: np.ndarray
+    scatter_noise_std: float = 0.0
+    dp: dict | None = None
+
+    def class_sizes(self) -> np.ndarray:
+        """Noisy counts rounded to records, at least 0: the release's per-class sizes."""
+        return np.maximum(np.rint(self.counts), 0).astype(np.int64)
+
+    def covariance(self) -> np.ndarray:
+        """Pooled within-class covariance: the noisy scatter over the noisy total count, made positive
+        definite by raising every eigenvalue to a quarter of the noise's spectral norm 2 sqrt(D) std
+        (public: it depends only on the noise multiplier, the clip and D; on the digits a quarter
+        beat 1/10, 1/2, 1 and 2), which the noise would otherwise push below 0."""
+        total = max(float(self.counts.sum()), 1.0)
+        values, vectors = np.linalg.eigh(self.scatter / total)
+        floor = 0.25 * self.scatter_noise_std * 2 * math.sqrt(len(values)) / total
+        return (vectors * np.maximum(values, floor)) @ vectors.T
+
+
+def statistics_of(x: np.ndarray, y: np.ndarray, num_classes: int, budget: Budget | None,
+                  seed: int) -> NoisyStatistics:
+    """The exact statistics (budget None) or the noisy ones; non-finite or too few records are user errors."""
+    if not np.isfinite(x).all():
+        raise UserError("the train embeddings hold non-finite values (NaN or inf); recreate them with create_db.py")
+    if budget is None:
+        return exact_statistics(x, y, num_classes)
+    if budget.delta >= 1 / len(x):
+        raise UserError(f"DP delta {budget.delta:g} must be below 1/N for N = {len(x)} training records, "
+                        "or a single record could be released; give a smaller delta")
+    return noisy_statistics(x, y, num_classes, budget, noise_rng(seed if budget.seeded_noise else None))
+
+
+def clip_rows(x: np.ndarray, radius: float) -> np.ndarray:
+    """Each row scaled down to L2 norm at most `radius` (rows inside are unchanged)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x * np.minimum(1.0, radius / np.maximum(norms, 1e-300))
+
+
+def noise_multipliers(epsilon: float, delta: float, shares: dict[str, float]) -> dict[str, float]:
+    """One noise multiplier per statistic: Gaussian mechanisms with z_i = z / sqrt(share_i) have Renyi DP
+    sum_i share_i * alpha / (2 z^2), that of one mechanism with multiplier z, calibrated to (epsilon, delta)."""
+    z = gaussian_noise_multiplier(epsilon, delta)
+    return {name: z / math.sqrt(share) for name, share in shares.items()}
+
+
+def noise_rng(seed: int | None) -> np.random.Generator:
+    """Privacy noise: from OS entropy (never stored) unless a seed is given, which voids the guarantee."""
+    return np.random.default_rng(seed)
+
+
+def symmetric_noise(dim: int, std: float, rng: np.random.Generator) -> np.ndarray:
+    """A symmetric D x D matrix whose upper triangle (diagonal included) is iid N(0, std^2)."""
+    upper = np.triu(rng.normal(0.0, std, (dim, dim)))
+    return upper + np.triu(upper, 1).T
+
+
+def class_sums(x: np.ndarray, onehot: np.ndarray, mean_clip: float) -> np.ndarray:
+    """Per-class sums of rows clipped to `mean_clip`: L2 sensitivity `mean_clip` (one row, one class)."""
+    return onehot.T @ clip_rows(x, mean_clip)
+
+
+def residual_scatter(x: np.ndarray, y: np.ndarray, means: np.ndarray, residual_clip: float) -> np.ndarray:
+    """Pooled sum of r r^T over records, r = row minus its class's (released) mean, clipped to
+    `residual_clip`: Frobenius sensitivity `residual_clip`^2 for fixed means."""
+    residuals = clip_rows(x - means[y], residual_clip)
+    return residuals.T @ residuals
+
+
+def exact_statistics(x: np.ndarray, y: np.ndarray, num_classes: int) -> NoisyStatistics:
+    """The same statistics without clipping or noise: the non-private versions of both methods."""
+    x = np.asarray(x, dtype=np.float64)
+    onehot = np.eye(num_classes)[y]
+    counts = onehot.sum(axis=0)
+    means = (onehot.T @ x) / np.maximum(counts, 1.0)[:, None]
+    residuals = x - means[y]
+    return NoisyStatistics(counts, means, residuals.T @ residuals)
+
+
+def noisy_statistics(x: np.ndarray, y: np.ndarray, num_classes: int, budget: Budget,
+                     rng: np.random.Generator) -> NoisyStatistics:
+    """The two rounds of the module docstring, with their accounting."""
+    shares = dict(zip(STATISTICS, budget.shares))
+    if not all(share > 0 for share in shares.values()) or not math.isclose(sum(shares.values()), 1.0):
+        raise ValueError(f"shares {shares} must give each statistic a positive part, summing to 1")
+    epsilon, delta, mean_clip, residual_clip = budget.epsilon, budget.delta, budget.mean_clip, budget.residual_clip
+    x = np.asarray(x, dtype=np.float64)
+    z = noise_multipliers(epsilon, delta, shares)
+    onehot = np.eye(num_classes)[y]
+    counts = onehot.sum(axis=0) + rng.normal(0.0, z["counts"], num_classes)
+    total = clip_rows(x, budget.center_clip).sum(axis=0) + rng.normal(0.0, z["centre"] * budget.center_clip,
+                                                                      x.shape[1])
+    centre = total / max(float(counts.sum()), 1.0)
+    sums = (class_sums(x - centre, onehot, mean_clip)
+            + rng.normal(0.0, z["sums"] * mean_clip, (num_classes, x.shape[1])))
+    means = centre + sums / np.maximum(counts, 1.0)[:, None]
+    scatter_std = z["scatter"] * residual_clip ** 2
+    scatter = residual_scatter(x, y, means, residual_clip) + symmetric_noise(x.shape[1], scatter_std, rng)
+    mechanisms = [{"mechanism": "gaussian", "noise_multiplier": z[name], "count": 1} for name in STATISTICS]
+    dp = {"relation": ADJACENCY, "mechanisms": mechanisms, "target_epsilon": epsilon,
+          "spent_epsilon": spent_epsilon(mechanisms, delta), "delta": delta,
+          "statistics": {name: {"noise_multiplier": z[name], "share": shares[name]} for name in STATISTICS},
+          "center_clip": budget.center_clip, "mean_clip": mean_clip, "residual_clip": residual_clip,
+          "seeded_noise_not_private": budget.seeded_noise}
+    return NoisyStatistics(counts, means, scatter, scatter_std, dp)

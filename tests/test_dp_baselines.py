@@ -1,0 +1,172 @@
+"""The DP baselines: the class-conditional Gaussian release and the least-squares probe (src.dp_stats).
+
+Accounting against the exact Gaussian mechanism (three Gaussian mechanisms with multipliers z_i on
+their sensitivities are one Gaussian mechanism with 1 / z^2 = sum 1 / z_i^2), each statistic's
+sensitivity on data (one record added, extreme ones included), and utility on a small mixture
+against the closed forms (the exact statistics, and least squares solved directly).
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from src.anonymizers.dp_gaussian import GaussAnonymizer, GaussMaking, GaussRelease, sample_gaussians
+from src.anonymizers.dp_probe import least_squares
+from src.anonymizers.base import ReleaseInputs
+from src.dp_stats import (Budget, class_sums, clip_rows, exact_statistics, noisy_statistics, residual_scatter,
+                          statistics_of)
+from src.io import load_database, save_database
+
+pytest.importorskip("opacus")
+from test_ledger import exact_gaussian_delta  # noqa: E402 (the ledger's own oracle)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mixture(n_per_class: int, dim: int, classes: int, seed: int, sample_seed: int = 0, spread: float = 3.0):
+    """Gaussian classes with a shared anisotropic covariance (the model the release assumes); `seed` picks
+    the model, `sample_seed` the records."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, spread, (classes, dim))
+    mixing = rng.normal(0, 1, (dim, dim)) / math.sqrt(dim)
+    y = np.repeat(np.arange(classes), n_per_class)
+    x = centres[y] + np.random.default_rng([seed, sample_seed]).normal(0, 1, (len(y), dim)) @ mixing
+    return x, y, centres, mixing.T @ mixing
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 1.0, 8.0])
+def test_accounting_is_the_exact_gaussian_mechanism_at_the_target(epsilon):
+    x, y, _, _ = mixture(50, 4, 3, seed=0)
+    budget = Budget(epsilon, 1e-5, 20.0, 10.0, 5.0, (0.05, 0.05, 0.3, 0.6))
+    dp = noisy_statistics(x, y, 3, budget, np.random.default_rng(0)).dp
+    z = 1 / math.sqrt(sum(1 / m["noise_multiplier"] ** 2 for m in dp["mechanisms"]))
+    assert dp["spent_epsilon"] <= epsilon * (1 + 1e-9) and dp["delta"] == 1e-5
+    assert exact_gaussian_delta(dp["spent_epsilon"], z) <= 1e-5  # the guarantee holds
+    assert exact_gaussian_delta(0.7 * epsilon, z) > 1e-5  # and the noise is not far above what it needs
+    shares = [dp["statistics"][name]["share"] for name in ("counts", "centre", "sums", "scatter")]
+    assert [1 / (z * z) * s for s in shares] == pytest.approx([1 / m["noise_multiplier"] ** 2
+                                                               for m in dp["mechanisms"]])
+    assert "relation" in dp and set(dp) >= {"mechanisms", "target_epsilon", "spent_epsilon", "delta"}
+
+
+def test_each_statistic_moves_at_most_its_sensitivity_when_one_record_is_added():
+    x, y, _, _ = mixture(40, 6, 3, seed=1)
+    rng = np.random.default_rng(2)
+    mean_clip, residual_clip = 4.0, 2.0
+    means = rng.normal(0, 1, (3, 6))  # released by round 1: fixed when round 2 runs
+    onehot = np.eye(3)
+    base_sums, base_scatter = class_sums(x, onehot[y], mean_clip), residual_scatter(x, y, means, residual_clip)
+    moves = []
+    for scale in (0.1, 1.0, 100.0, 1e6):  # from inside both clips to far outside
+        record, label = rng.normal(0, scale, (1, 6)), np.array([int(rng.integers(3))])
+        x2, y2 = np.concatenate([x, record]), np.concatenate([y, label])
+        centre_move = np.linalg.norm(clip_rows(x2, 3.0).sum(axis=0) - clip_rows(x, 3.0).sum(axis=0))
+        assert centre_move <= 3.0 * (1 + 1e-9)
+        sums_move = np.linalg.norm(class_sums(x2, onehot[y2], mean_clip) - base_sums)
+        scatter_move = np.linalg.norm(residual_scatter(x2, y2, means, residual_clip) - base_scatter)
+        assert sums_move <= mean_clip * (1 + 1e-9) and scatter_move <= residual_clip ** 2 * (1 + 1e-9)
+        moves.append((sums_move, scatter_move))
+    assert moves[-1] == pytest.approx((mean_clip, residual_clip ** 2))  # the bound is reached: the clip acts
+    np.testing.assert_allclose(np.linalg.norm(clip_rows(x * 50, 3.0), axis=1), 3.0)
+
+
+def test_noise_is_secret_unless_seeded_and_non_finite_input_is_refused():
+    x, y, _, _ = mixture(30, 3, 2, seed=3)
+    secret = Budget(1.0, 1e-5, 20.0, 10.0, 5.0, (0.05, 0.05, 0.3, 0.6))
+    first, second = (statistics_of(x, y, 2, secret, seed=0).means for _ in range(2))
+    assert not np.array_equal(first, second)  # same --seed, fresh noise
+    seeded = Budget(1.0, 1e-5, 20.0, 10.0, 5.0, (0.05, 0.05, 0.3, 0.6), seeded_noise=True)
+    np.testing.assert_array_equal(statistics_of(x, y, 2, seeded, 0).means, statistics_of(x, y, 2, seeded, 0).means)
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    from src.cli import UserError
+    with pytest.raises(UserError, match="non-finite"):
+        statistics_of(bad, y, 2, secret, 0)
+    with pytest.raises(UserError, match="below 1/N"):
+        statistics_of(x, y, 2, Budget(1.0, 0.1, 20.0, 10.0, 5.0, (0.05, 0.05, 0.3, 0.6)), 0)
+
+
+def test_exact_release_matches_the_mixture_and_dp_noise_shrinks_with_epsilon():
+    x, y, centres, covariance = mixture(4000, 5, 3, seed=4)
+    exact = exact_statistics(x, y, 3)
+    assert exact.class_sizes().tolist() == [4000] * 3
+    np.testing.assert_allclose(exact.means, centres, atol=0.08)
+    np.testing.assert_allclose(exact.covariance(), covariance, atol=0.08)
+    samples, labels = sample_gaussians(exact.means, exact.covariance(), np.array([3000, 0, 5]),
+                                       np.random.default_rng(0))
+    assert np.bincount(labels, minlength=3).tolist() == [3000, 0, 5]
+    np.testing.assert_allclose(np.cov(samples[labels == 0].T), covariance, atol=0.1)
+    clip = float(np.linalg.norm(x, axis=1).max())  # nothing clipped: the error is the noise alone
+    errors = []
+    for epsilon in (0.5, 8.0):
+        budget = Budget(epsilon, 1e-5, clip, 2 * clip, clip, (0.05, 0.05, 0.3, 0.6), seeded_noise=True)
+        noisy = [noisy_statistics(x, y, 3, budget, np.random.default_rng(seed)) for seed in range(5)]
+        errors.append(np.mean([np.abs(stats.means - exact.means).max() for stats in noisy]))
+    assert errors[1] < errors[0] / 4  # the noise's std scales as 1 / epsilon
+
+
+def test_least_squares_from_statistics_is_least_squares_on_the_rows():
+    x, y, _, _ = mixture(200, 6, 4, seed=5)
+    exact = exact_statistics(x, y, 4)
+    weight, bias = least_squares(exact.means, exact.covariance(), exact.class_sizes(), ridge=0.0)
+    design = np.hstack([x, np.ones((len(x), 1))])
+    direct = np.linalg.lstsq(design, np.eye(4)[y], rcond=None)[0]
+    np.testing.assert_allclose(weight, direct[:-1], atol=1e-8)
+    np.testing.assert_allclose(bias, direct[-1], atol=1e-8)
+
+
+def test_dp_probe_and_release_classify_a_mixture_at_epsilon_1():
+    x, y, _, _ = mixture(1000, 8, 4, seed=6)
+    test_x, test_y, _, _ = mixture(250, 8, 4, seed=6, sample_seed=1)  # same model, held-out records
+    clip = 30.0
+    budget = Budget(1.0, 1e-5, clip, clip, 10.0, (0.05, 0.05, 0.3, 0.6), seeded_noise=True)
+    stats = noisy_statistics(x, y, 4, budget, np.random.default_rng(1))
+    weight, bias = least_squares(stats.means, stats.covariance(), stats.class_sizes(), ridge=0.1)
+    assert np.mean((test_x @ weight + bias).argmax(axis=1) == test_y) > 0.95
+    inputs = ReleaseInputs(x.astype(np.float32), y, x[:0], y[:0], 4, Path("."))
+    making = GaussMaking(dpg_center_clip=clip, dpg_mean_clip=clip, dpg_residual_clip=10.0,
+                         dpg_seeded_noise_not_private=True)
+    release = GaussAnonymizer().make(inputs, GaussRelease(dpg_epsilon=1.0), making, seed=0, device="cpu")
+    assert abs(len(release.labels) - len(y)) < 200 and release.details["dp"]["target_epsilon"] == 1.0
+    released = exact_statistics(release.embeddings, release.labels, 4)
+    weight, bias = least_squares(released.means, released.covariance(), released.class_sizes(), ridge=0.0)
+    assert np.mean((test_x @ weight + bias).argmax(axis=1) == test_y) > 0.95
+
+
+@pytest.mark.slow
+def test_scripts_write_a_dp_release_and_dp_probe_results(tmp_path):
+    """anonymize.py --anonymizer gauss and probing.py --anonymizer lsq end to end on a small mixture."""
+    x, y, _, _ = mixture(300, 16, 3, seed=7)
+    folder = tmp_path / "db" / "mix" / "b"
+    for split, (xs, ys) in {"train": (x, y), "val": mixture(40, 16, 3, 7, 1)[:2],
+                            "test": mixture(60, 16, 3, 7, 2)[:2]}.items():
+        save_database(folder / f"{split}.npz", xs.astype(np.float32), ys, {"stage": "create_db"})
+    common = ["--dataset", "mix", "--backbone", "b", "--database_root", str(tmp_path / "db"), "--ckpt_root",
+              str(tmp_path / "ck"), "--device", "cpu"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
+
+    made = run("anonymize.py", *common, "--anonymizer", "gauss", "--dpg_epsilon", "2", "--dpg_center_clip", "40",
+                "--dpg_mean_clip", "20")
+    assert made.returncode == 0, made.stderr
+    _, labels, meta = load_database(folder / "train_gauss-dp2-s42.npz")
+    assert meta["dp"]["spent_epsilon"] <= 2 and not meta["dp"]["seeded_noise_not_private"]
+    for anonymizer in (["gauss", "--dpg_epsilon", "2"], ["lsq", "--dpp_epsilon", "2"], ["lsq"]):
+        probed = run("probing.py", *common, "--output_root", str(tmp_path / "out"), "--anonymizer", *anonymizer)
+        assert probed.returncode == 0, probed.stderr
+    result = json.loads((tmp_path / "out" / "mix" / "mix_lsq-dp2-s42.json").read_text())
+    assert result["dp_spent_epsilon"] <= 2 and result["accuracy"] > 80 and result["probe_train_s"] >= 0
+    bad = x.copy().astype(np.float32)
+    bad[0, 0] = np.inf
+    save_database(folder / "train.npz", bad, y, {"stage": "create_db"})
+    (folder / "train_gauss-dp2-s42.npz").unlink()
+    refused = run("anonymize.py", *common, "--anonymizer", "gauss", "--dpg_epsilon", "2")
+    assert refused.returncode == 2 and refused.stderr.startswith("error:") and "NaN or inf" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and not (folder / "train_gauss-dp2-s42.npz").exists()
