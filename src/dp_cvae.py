@@ -5,11 +5,11 @@ nothing in a release depends on the private data except through the accounted me
 
 - Class counts: a Laplace histogram (L1 sensitivity 1) with a share of epsilon (`--dp_count_share`, > 0).
   Its noisy counts set the release's size and class counts, and their total N~ stands in for N wherever
-  the training needs a size: the Poisson rate q = batch_size / N~, the steps epochs x ceil(N~ / batch_size),
-  the gradient divisor (the expected batch q N~ = batch_size) and the default delta.
+  the training needs a size: the Poisson rate q = 1 / ceil(N~ / batch_size) (an epoch visits each record
+  about once), the steps epochs / q, the gradient divisor (the expected batch q N~) and the default delta.
 - Gradients: DP-SGD. Each step draws a Poisson batch at rate q, clips each record's gradient to L2 norm C,
-  sums, adds N(0, (sigma C)^2) noise and divides by the public batch size. sigma is calibrated by opacus's
-  RDP accountant for exactly the steps run, to the epsilon the histogram leaves.
+  sums, adds N(0, (sigma C)^2) noise and divides by q N~. sigma is calibrated by bisection on the ledger's
+  own composition of the histogram and exactly the steps run, so the release spends its target.
 - Scaling: the decoder's [0, 1] is mapped onto fixed public bounds (`--dp_bounds`), and embeddings are
   clipped to them; how many were clipped is not recorded. A non-finite record is refused before training.
 - No early stopping or model selection on private data: a fixed number of epochs.
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import warnings
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Iterator
@@ -41,10 +40,9 @@ from torch import nn
 from src.anonymizers.cvae import CVAEMaking, CVAERelease
 from src.cli import UserError
 from src.cvae import CVAE, CVAEBundle, CVAEConfig, MinMaxScaler, batch_loss, scaled_tensors
-from src.ledger import ADJACENCY, spent_epsilon
+from src.ledger import ADJACENCY, noise_multiplier, spent_epsilon
 from src.runtime import one_cpu_thread, seed_everything
 
-ACCOUNTANT = "rdp"
 INSTALL_HINT = "differentially private training needs opacus: pip install opacus"
 
 
@@ -95,26 +93,22 @@ def released_labels(class_counts: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """The smallest noise multiplier (to opacus's bisection tolerance) whose RDP epsilon after exactly `steps`
-    Poisson-sampled steps is at most `epsilon`. Cached: the bisection takes seconds, and runs that differ only
-    in their seed share it."""
-    from opacus.accountants.utils import get_noise_multiplier
-
+def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, count_epsilon: float) -> float:
+    """The smallest noise multiplier (to 0.1 %) with which `steps` Poisson-sampled steps at `sample_rate` and the
+    class histogram (pure `count_epsilon`) spend at most `epsilon` at `delta` in the ledger's composition.
+    Cached: runs that differ only in their seed share it."""
     try:
-        with warnings.catch_warnings():  # opacus warns when the best RDP order is the largest it tries:
-            warnings.simplefilter("ignore", UserWarning)  # the bound is looser, never wrong, so say nothing
-            return get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                                        steps=steps, accountant=ACCOUNTANT)
-    except ValueError as err:  # opacus gives up above a noise multiplier of 1e6
-        raise UserError(f"--dp_epsilon {epsilon:g} (for DP-SGD) is too small to run even one step at any "
-                        f"noise with delta = {delta:g}; raise --dp_epsilon or --dp_delta") from err
+        return noise_multiplier(epsilon, delta, lambda z: mechanisms(z, sample_rate, steps, count_epsilon)[1],
+                                fixed=mechanisms(1.0, sample_rate, steps, count_epsilon)[:1])
+    except ValueError as err:  # out of reach below a noise multiplier of 1e6
+        raise UserError(f"--dp_epsilon {epsilon:g} is too small to run even one step at any noise with "
+                        f"delta = {delta:g}; raise --dp_epsilon or --dp_delta") from err
 
 
-def mechanisms(noise_multiplier: float, sample_rate: float, steps: int, count_epsilon: float) -> list[dict]:
+def mechanisms(multiplier: float, sample_rate: float, steps: int, count_epsilon: float) -> list[dict]:
     """What reads the private split, in the ledger's format (src.ledger)."""
     return [{"mechanism": "laplace", "epsilon": count_epsilon},
-            {"mechanism": "subsampled_gaussian", "noise_multiplier": noise_multiplier, "sample_rate": sample_rate,
+            {"mechanism": "subsampled_gaussian", "noise_multiplier": multiplier, "sample_rate": sample_rate,
              "steps": steps}]
 
 
@@ -183,11 +177,10 @@ def train_cvae_dp(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, co
         raise UserError(f"--dp_delta {making.dp_delta:g}: delta must be below 1/N for N = {len(train_x)} training "
                         "records, or a single record could be released")
     delta = making.dp_delta if making.dp_delta is not None else default_delta(noisy_total, num_classes, count_epsilon)
-    public_size = max(noisy_total, float(config.batch_size))  # N~, never below one batch (q <= 1)
-    sample_rate = config.batch_size / public_size
-    steps = making.dp_epochs * math.ceil(public_size / config.batch_size)
-    # DP-SGD gets what the histogram leaves (basic composition); the ledger's Renyi composition may spend less
-    noise_multiplier = calibrate_noise(epsilon - count_epsilon, delta, sample_rate, steps)
+    batches_per_epoch = max(1, math.ceil(noisy_total / config.batch_size))  # from N~: an epoch visits each once
+    sample_rate, steps = 1 / batches_per_epoch, making.dp_epochs * batches_per_epoch
+    multiplier = calibrate_noise(epsilon, delta, sample_rate, steps, count_epsilon)
+    expected_batch = sample_rate * max(noisy_total, 1.0)
 
     seed_everything(seed)  # weight initialisation
     generator = torch.Generator(device=device).manual_seed(noise_seed)
@@ -196,7 +189,7 @@ def train_cvae_dp(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, co
     x.clamp_(0, 1)
     model = CVAE(x.shape[1], num_classes, config.hidden_dim, config.latent_dim).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    noise_std = noise_multiplier * making.max_grad_norm
+    noise_std = multiplier * making.max_grad_norm
     with one_cpu_thread():  # a step is some 40 small ops: on a busy CPU a second thread costs more than it gives
         for _ in range(steps):
             rows = torch.rand(len(x), device=device, generator=generator) < sample_rate
@@ -204,16 +197,16 @@ def train_cvae_dp(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, co
             sums = clipped_gradient_sum(model, x[rows], onehot[rows], latent_noise, config, making.max_grad_norm)
             for parameter in model.parameters():
                 noise = torch.randn(parameter.shape, device=device, generator=generator)
-                parameter.grad = (sums[parameter] + noise_std * noise) / config.batch_size
+                parameter.grad = (sums[parameter] + noise_std * noise) / expected_batch
             optimizer.step()
     model.eval()
 
-    run = mechanisms(noise_multiplier, sample_rate, steps, count_epsilon)
+    run = mechanisms(multiplier, sample_rate, steps, count_epsilon)
     accounting = {
         "relation": ADJACENCY, "mechanisms": run, "accountant": "rdp (src.ledger)",
         "target_epsilon": epsilon, "spent_epsilon": spent_epsilon(run, delta), "delta": delta,
         "delta_from": "--dp_delta" if making.dp_delta is not None else "the noisy count (1 / (10 N+))",
-        "class_count_epsilon": count_epsilon, "noise_multiplier": noise_multiplier, "sample_rate": sample_rate,
+        "class_count_epsilon": count_epsilon, "noise_multiplier": multiplier, "sample_rate": sample_rate,
         "steps": steps, "epochs": making.dp_epochs, "max_grad_norm": making.max_grad_norm,
         "batch_size": config.batch_size, "bounds": [float(bound) for bound in making.dp_bounds],
         "noise": "secret (OS entropy, not stored)" if secret else "seeded from --seed: NOT PRIVATE",

@@ -21,6 +21,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -80,11 +81,13 @@ def spent_epsilon(mechanisms: list[dict], delta: float) -> float:
     return min(rdp_epsilon(mechanisms, delta), basic)
 
 
-def gaussian_noise_multiplier(epsilon: float, delta: float, count: int = 1, fixed: list[dict] = ()) -> float:
-    """The smallest noise multiplier z (to 0.1 %) such that `count` Gaussian mechanisms with noise z times
-    their sensitivity, composed with the `fixed` mechanisms, spend at most `epsilon` at `delta`."""
+def noise_multiplier(epsilon: float, delta: float, mechanism: Callable[[float], dict],
+                     fixed: list[dict] = ()) -> float:
+    """The smallest noise multiplier z (to 0.1 %) such that `mechanism(z)`, composed with the `fixed`
+    mechanisms, spends at most `epsilon` at `delta`: a bisection on `spent_epsilon` itself, so a release
+    spends what the ledger will say it spent."""
     def spent(z: float) -> float:
-        return spent_epsilon([*fixed, {"mechanism": "gaussian", "noise_multiplier": z, "count": count}], delta)
+        return spent_epsilon([*fixed, mechanism(z)], delta)
 
     low, high = 1e-3, 1.0
     while spent(high) > epsilon:
@@ -95,6 +98,12 @@ def gaussian_noise_multiplier(epsilon: float, delta: float, count: int = 1, fixe
         middle = math.sqrt(low * high)
         low, high = (middle, high) if spent(middle) > epsilon else (low, middle)
     return high
+
+
+def gaussian_noise_multiplier(epsilon: float, delta: float, count: int = 1, fixed: list[dict] = ()) -> float:
+    """`noise_multiplier` of `count` Gaussian mechanisms with noise z times their sensitivity."""
+    return noise_multiplier(epsilon, delta, lambda z: {"mechanism": "gaussian", "noise_multiplier": z,
+                                                       "count": count}, fixed)
 
 
 def composed(accountings: list[dict]) -> tuple[float, float]:
