@@ -14,7 +14,8 @@ Both read the private train split in three rounds, under add/remove-one adjacenc
    `residual_clip`^2; the upper triangle is noised and mirrored).
 Each round depends on the earlier ones only through their output, so the rounds compose adaptively.
 The budget is split by fixed shares of one Gaussian mechanism's Renyi DP (`noise_multipliers`),
-and the ledger composes exactly what ran. N itself is never used: every size is a noisy count.
+and the ledger composes exactly what ran. Nothing released depends on N but through the noisy
+counts (only the refusal of a delta >= 1/N reads N, and it releases nothing).
 """
 from __future__ import annotations
 
