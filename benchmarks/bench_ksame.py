@@ -49,7 +49,7 @@ PHASES = {
     "_cells": "cells (Lloyd iterations) and their sums",
     "_refresh": "bounds refreshed from the cell sums",
     "_tighten": "bounds tightened without a product",
-    "_exact_sums_and_lists": "float64 passes admitting groups to the exact tier",
+    "sums_and_nearest": "float64 passes admitting groups to the exact tier",
     "remove": "exact tier and warm rows updated, every step",
     "_closest": "neighbour choice, every step",
 }
