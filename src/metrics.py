@@ -79,6 +79,8 @@ MIN_SPLIT_ROWS = NEIGHBOURS + 1
 # Band around a radius where the matmul-form squared distance is not trusted and the pair is recomputed directly:
 # its float32 error is ~2e-7 of |q|^2 + |r|^2 in practice, below the worst case d * 6e-8 up to d = 1,600.
 MATMUL_TOLERANCE = 1e-4
+# Query x reference x feature differences held at once by sdmetrics_dcr (float64: 64 MiB each)
+PAIRWISE_ELEMENTS = 2 ** 23
 
 
 def squared_distance_tiles(queries: torch.Tensor, reference: torch.Tensor, block_size: int,
@@ -214,11 +216,15 @@ def privacy_metrics(released: torch.Tensor, real_train: torch.Tensor, real_test:
       "score_OC", which first maps records through a one-class network) in percent; synthcity's code
       computes entropy weights per column but then sets them all to 1, so its score is this unweighted one.
       As there, the nearest other real record of a record with a twin is the twin, at distance 0.
-    - dcr_holdout_share: percent of released vectors strictly closer to real train than to a real holdout
-      (the test split) of the same size; the larger of the two is subsampled without replacement with
-      `seed`. SDMetrics' DCROverfittingProtection "closer_to_training" in percent, ties counted as closer
-      to the holdout as there; 50 = no overfitting. (SDMetrics keeps the whole train set; equal sizes
-      make 50 the no-overfitting value whatever the split sizes.)
+    - dcr_holdout_share: percent of released vectors strictly closer (Euclidean, z-space) to real train than
+      to a real holdout (the test split) of the same size; the larger of the two is subsampled without
+      replacement with `seed`; ties count as closer to the holdout; 50 = no overfitting whatever the split
+      sizes. Our own metric, modelled on SDMetrics' but not SDMetrics' (see the next key).
+    - sdmetrics_dcr_closer_to_training: SDMetrics' DCROverfittingProtection "closer_to_training" in percent,
+      computed as SDMetrics computes it (sdmetrics_dcr): a row's distance to a record is the column mean of
+      min(|difference| / range, 1), ranges taken from that reference set (whole real train, whole test);
+      ties count as closer to the holdout. Invariant to per-column scaling, so z-scoring changes nothing.
+      Its no-overfitting value depends on the split sizes (a larger train set is closer more often).
     - precision, recall, coverage (percent) and density (a ratio, above 1 when released vectors crowd
       where real ones are dense): Naeem et al. 2020 against real train with k = 5, exactly as their prdc
       code: a point is inside a set's manifold when strictly closer to one of its members than that
@@ -227,7 +233,9 @@ def privacy_metrics(released: torch.Tensor, real_train: torch.Tensor, real_test:
       reference set. A record scores s = log(5-NN distance to real val) - log(5-NN distance to the release);
       the k-NN density estimate k / (n c_d r^d) makes the log ratio of release to real density d * s + const,
       so s ranks records as that ratio does. AUC in percent of real train (members) vs real test, 50 = no
-      signal. DOMIAS fits KDE or flow densities and has no k; k = 5 as prdc.
+      signal. DOMIAS fits KDE or flow densities and has no k; k = 5 as prdc. A record whose 5-NN distance is
+      0 to both sets (5 copies in each) has equal density estimates in both: it scores 0, not NaN (which
+      the ranking would put above every finite score).
 
     Every set needs at least MIN_SPLIT_ROWS rows, else UserError.
     """
@@ -251,9 +259,11 @@ def privacy_metrics(released: torch.Tensor, real_train: torch.Tensor, real_test:
     real_radii, released_radii = (torch.from_numpy(nn[:, -1]).to(released.device) for nn in (real_nn, released_nn))
     real_hits = count_within_radius(released, real_train, real_radii, block_size).cpu().numpy()
     released_hits = count_within_radius(real_train, released, released_radii, block_size).cpu().numpy()
-    with np.errstate(divide="ignore"):  # a k-NN distance of 0 (k copies of a record) scores +-inf, still ranked
-        log_density_ratio = (np.log(np.r_[member_val_nn[:, -1], non_member_val_nn[:, -1]].astype(np.float64))
-                             - np.log(np.r_[member_nn[:, -1], non_member_nn[:, -1]].astype(np.float64)))
+    reference_kth = np.r_[member_val_nn[:, -1], non_member_val_nn[:, -1]].astype(np.float64)
+    released_kth = np.r_[member_nn[:, -1], non_member_nn[:, -1]].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a k-NN distance of 0 (k copies) scores +-inf, still ranked
+        log_density_ratio = np.log(reference_kth) - np.log(released_kth)
+    log_density_ratio[(reference_kth == 0) & (released_kth == 0)] = 0.0  # k copies in both sets: equal densities
     return {
         "average_mindistance": float(dcr.mean()),
         "dcr_p5": float(np.percentile(dcr, 5)),
@@ -269,4 +279,26 @@ def privacy_metrics(released: torch.Tensor, real_train: torch.Tensor, real_test:
         "density": float(real_hits.mean()) / k,
         "coverage": 100.0 * float(np.mean(member_nn[:, 0] < real_nn[:, -1])),
         "mia_auc_density": binary_auroc(is_member, log_density_ratio),
+        "sdmetrics_dcr_closer_to_training": 100.0 * float(np.mean(sdmetrics_dcr(released, real_train)
+                                                                  < sdmetrics_dcr(released, real_test))),
     }
+
+
+@torch.no_grad()
+def sdmetrics_dcr(queries: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+    """SDMetrics' distance to closest record (sdmetrics.single_table.privacy.dcr_utils, numerical columns):
+    min over reference rows of the column mean of min(|q - r| / range, 1), each column's range max - min of
+    `reference`. A column of range 0 gives 0 / 0 = NaN where values agree, which pandas' mean skips, and 1
+    where they differ; so here. Exact pairwise work (no matmul form): blocks of queries x all references."""
+    queries, reference = queries.double(), reference.double()
+    spread = reference.max(dim=0).values - reference.min(dim=0).values
+    constant = spread == 0
+    nearest = torch.empty(len(queries), dtype=torch.float64, device=queries.device)
+    rows_per_block = max(1, PAIRWISE_ELEMENTS // (len(reference) * reference.shape[1]))
+    for start in range(0, len(queries), rows_per_block):
+        difference = (queries[start:start + rows_per_block, None, :] - reference[None, :, :]).abs()
+        scaled = (difference / torch.where(constant, 1.0, spread)).clamp(max=1.0)
+        scaled = torch.where(constant, (difference > 0).double(), scaled)
+        counted = (~constant | (difference > 0)).sum(dim=2)  # the columns pandas' mean does not skip
+        nearest[start:start + rows_per_block] = (scaled.sum(dim=2) / counted.clamp(min=1)).min(dim=1).values
+    return nearest.cpu().numpy()
