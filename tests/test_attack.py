@@ -43,10 +43,10 @@ def database(tmp_path_factory) -> Path:
 def attack_settings(database: Path, anonymizer: str, release: dict | None = None, making: dict | None = None,
                     **values) -> AttackSettings:
     chosen = get_anonymizer(anonymizer)
+    values = {"output_root": database / "logs", **values}
     return AttackSettings(dataset=DATASET, backbone=BACKBONE, device="cpu", database_root=database,
-                          ckpt_root=database / "ckpts", output_root=database / "logs", anonymizer=anonymizer,
-                          release=chosen.Release(**(release or {})), making=chosen.Making(**(making or {})),
-                          **values)
+                          ckpt_root=database / "ckpts", anonymizer=anonymizer,
+                          release=chosen.Release(**(release or {})), making=chosen.Making(**(making or {})), **values)
 
 
 def run_attack_script(database: Path, *args: str) -> subprocess.CompletedProcess:
@@ -161,3 +161,51 @@ def test_missing_database_is_one_line(tmp_path):
     result = run_attack_script(tmp_path, "--anonymizer", "identity")
     assert_one_line_error(result, "missing database", "create_db.py")
     assert not (tmp_path / "logs").exists()
+
+
+def test_attack_config_expands_to_one_attack_per_offline_release_and_seed(tmp_path):
+    import yaml
+
+    from src.sweep import expand, load_config
+
+    config = yaml.safe_load((ROOT / "assets/configs/attack.yaml").read_text())
+    config["weights"] = str(tmp_path / "stand-in.safetensors")  # made by `make demo`; the grid needs only a file
+    (tmp_path / "stand-in.safetensors").write_bytes(b"weights")
+    config["seeds"] = [0, 3]
+    (tmp_path / "attack.yaml").write_text(yaml.safe_dump(config))
+    points = [p for p in expand(load_config(tmp_path / "attack.yaml"), Path("results")) if p.stage == "attack"]
+    # identity, k-Same 2/5/10, CVAE without DP and at epsilon 1 and 8; the online CVAE is not attacked
+    assert len(points) == 7 * 2
+    names = {p.name for p in points}
+    assert {"attack-digits-identity-s3", "attack-digits-ksame-10-s0", "attack-digits-cvae-dp1-s3"} <= names
+    for point in points:
+        assert point.command[:2] == ["-m", "src.attack"] and point.deps == ["create_db-digits"]
+        assert point.settings["targets"] == 400 and point.settings["shadows"] == 4
+    config["attack"] = {"targets": 5}
+    (tmp_path / "odd.yaml").write_text(yaml.safe_dump(config))
+    from src.cli import UserError
+
+    with pytest.raises(UserError, match="--targets 5: give an even number"):
+        expand(load_config(tmp_path / "odd.yaml"), Path("results"))
+
+
+def test_attack_report_tables_match_the_results_and_draw_the_roc(database, tmp_path):
+    from src.attack import attack_release, result_path
+    from src.attack_report import write_attack_report
+    from src.io import write_json
+
+    paths = []
+    for anonymizer, release, seed in (("identity", {}, 1), ("ksame", {"k": 2}, 1), ("ksame", {"k": 2}, 2)):
+        settings = attack_settings(database, anonymizer, release, targets=100, shadows=2, seed=seed,
+                                   output_root=tmp_path)
+        write_json(result_path(settings), attack_release(settings))
+        paths.append(result_path(settings))
+    text = write_attack_report(paths, tmp_path / "tables")
+    records = [json.loads(p.read_text()) for p in paths]
+    assert (tmp_path / "tables" / "attack_roc.png").stat().st_size > 0
+    rows = [line.split(",") for line in (tmp_path / "tables" / "attack.csv").read_text().splitlines()[1:]]
+    row = next(r for r in rows if r[:4] == ["ksame-2", "domias", "all", "auc"])
+    values = [r["attacks"]["domias"]["all"]["auc"] for r in records[1:]]
+    assert float(row[4]) == pytest.approx(np.mean(values), abs=1e-4) and row[6] == "2"
+    assert float(row[5]) == pytest.approx(np.std(values, ddof=1), abs=1e-4)
+    assert "| identity | lira_distance | 100.0 |" in text  # one seed: the value itself

@@ -20,13 +20,14 @@ from src.anonymizers import ANONYMIZERS, Anonymizer
 from src.cli import UserError, brief_reason
 from src.defaults import DEFAULT_ROOTS
 from src.options import bounds_text, option_fields
-from src.settings import NOISE_UNITS, CreateDbSettings, ProbeSettings
+from src.settings import NOISE_UNITS, AttackSettings, CreateDbSettings, ProbeSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ONLINE_SUFFIX = "-online"
 TOP_KEYS = {"name", "datasets", "backbone", "weights", "img_size", "seeds", "sigmas", "noise_units", "anonymizers",
-            "probe", "create_db", "device", "download", "paths", "slurm"}
+            "probe", "create_db", "device", "download", "paths", "slurm", "attack"}
 PROBE_KEYS = ("lr", "epochs", "batch_size")  # ProbeSettings fields a config may set
+ATTACK_KEYS = ("targets", "shadows", "jobs")  # AttackSettings fields a config's `attack` entry may set
 CREATE_DB_KEYS = ("batch_size", "num_workers")  # CreateDbSettings fields a config may set
 PATH_DEFAULTS = {key: str(root) for key, root in DEFAULT_ROOTS.items()}
 SLURM_KEYS = {"partition", "account", "time", "gres", "cpus_per_task", "mem"}
@@ -58,6 +59,7 @@ class SweepConfig:
     download: bool
     paths: dict[str, str]
     slurm: dict[str, str]
+    attack: dict[str, int] | None = None  # membership inference (src.attack) on every offline release, if given
 
 
 class ConfigReader:
@@ -224,6 +226,11 @@ def load_config(path: Path) -> SweepConfig:
     create_fields = {f.name: f for f in option_fields(CreateDbSettings) if f.name in CREATE_DB_KEYS}
     create_db = {name: read.field_values(create_fields[name], value, f"create_db.{name}")[0]
                  for name, value in read.keys(raw.get("create_db"), list(CREATE_DB_KEYS), "create_db").items()}
+    attack = None
+    if "attack" in raw:
+        attack_fields = {f.name: f for f in option_fields(AttackSettings) if f.name in ATTACK_KEYS}
+        attack = {name: read.field_values(attack_fields[name], value, f"attack.{name}")[0]
+                  for name, value in read.keys(raw["attack"], list(ATTACK_KEYS), "attack").items()}
     device = raw.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise read.fail(f"device must be auto, cpu or cuda, got {device!r}")
@@ -239,7 +246,8 @@ def load_config(path: Path) -> SweepConfig:
 
     return SweepConfig(name=name, datasets=datasets, backbone=backbone, weights=weights, img_size=img_size,
                        seeds=seeds, sigmas=sigmas, noise_units=noise_units, anonymizers=anonymizers, probe=probe,
-                       create_db=create_db, device=device, download=download, paths=paths, slurm=slurm)
+                       create_db=create_db, device=device, download=download, paths=paths, slurm=slurm,
+                       attack=attack)
 
 
 def check_dataset_names(read: ConfigReader, datasets: list[str]) -> None:
