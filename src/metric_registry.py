@@ -37,6 +37,8 @@ class ReleaseNeighbours:
     dcr_holdout: np.ndarray  # ... and to the holdout (real test), both subsampled to one size with the seed
     real_hits: np.ndarray  # per released vector: real train vectors whose k-NN ball holds it
     released_hits: np.ndarray  # per real train vector: released vectors whose k-NN ball holds it
+    sdmetrics_dcr_train: np.ndarray  # each released vector's SDMetrics distance to the whole real train set
+    sdmetrics_dcr_holdout: np.ndarray  # ... and to the whole holdout (real test)
 
     @property
     def is_member(self) -> np.ndarray:
@@ -117,10 +119,17 @@ def identifiability(n: ReleaseNeighbours) -> float:
 
 
 def dcr_holdout_share(n: ReleaseNeighbours) -> float:
-    """Percent of released vectors strictly closer to real train than to a real holdout (test) of the same
-    size, ties counted as closer to the holdout; 50 = no overfitting. SDMetrics' DCROverfittingProtection
-    compares the same shares, with its own distance."""
+    """Percent of released vectors strictly closer (Euclidean, z-space) to real train than to a real holdout
+    (test) of the same size, ties counted as closer to the holdout; 50 = no overfitting whatever the split
+    sizes. Our own metric, modelled on SDMetrics' but not SDMetrics' (see the next one)."""
     return 100.0 * float(np.mean(n.dcr_train < n.dcr_holdout))
+
+
+def sdmetrics_dcr_closer_to_training(n: ReleaseNeighbours) -> float:
+    """SDMetrics' DCROverfittingProtection "closer_to_training" in percent, computed as SDMetrics computes it
+    (src.metrics.sdmetrics_dcr: column mean of min(|difference| / range, 1), ranges of each whole reference
+    set); ties count as closer to the holdout. Its no-overfitting value depends on the split sizes."""
+    return 100.0 * float(np.mean(n.sdmetrics_dcr_train < n.sdmetrics_dcr_holdout))
 
 
 def precision(n: ReleaseNeighbours) -> float:
@@ -149,9 +158,11 @@ def mia_auc_density(n: ReleaseNeighbours) -> float:
     """A DOMIAS-style density-ratio attack (van Breugel et al. 2023), real val as its reference set: a record
     scores log(k-NN distance to real val) - log(k-NN distance to the release), which ranks records as the
     k-NN estimate of p_release / p_reference does. AUC of real train against real test; 50 = no signal."""
-    with np.errstate(divide="ignore"):  # a k-NN distance of 0 (k copies of a record) scores +-inf, still ranked
-        scores = (np.log(np.r_[n.member_val_nn[:, -1], n.non_member_val_nn[:, -1]].astype(np.float64))
-                  - np.log(np.r_[n.member_nn[:, -1], n.non_member_nn[:, -1]].astype(np.float64)))
+    reference_kth = np.r_[n.member_val_nn[:, -1], n.non_member_val_nn[:, -1]].astype(np.float64)
+    released_kth = np.r_[n.member_nn[:, -1], n.non_member_nn[:, -1]].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a k-NN distance of 0 (k copies) scores +-inf, still ranked
+        scores = np.log(reference_kth) - np.log(released_kth)
+    scores[(reference_kth == 0) & (released_kth == 0)] = 0.0  # k copies in both sets: equal densities, not NaN
     return binary_auroc(n.is_member, scores)
 
 
@@ -165,6 +176,7 @@ METRICS = (
     Metric("exact_copy_share", KNOWN, exact_copy_share),
     Metric("identifiability", KNOWN, identifiability),
     Metric("dcr_holdout_share", KNOWN, dcr_holdout_share),
+    Metric("sdmetrics_dcr_closer_to_training", KNOWN, sdmetrics_dcr_closer_to_training),
     Metric("mia_auc_density", KNOWN, mia_auc_density),
     Metric("precision", KNOWN, precision),
     Metric("recall", KNOWN, recall),

@@ -56,6 +56,8 @@ MIN_SPLIT_ROWS = NEIGHBOURS + 1
 # Band around a radius where the matmul-form squared distance is not trusted and the pair is recomputed directly:
 # its float32 error is ~2e-7 of |q|^2 + |r|^2 in practice, below the worst case d * 6e-8 up to d = 1,600.
 MATMUL_TOLERANCE = 1e-4
+# Query x reference x feature differences held at once by sdmetrics_dcr (float64: 64 MiB each)
+PAIRWISE_ELEMENTS = 2 ** 23
 
 
 def squared_distance_tiles(queries: torch.Tensor, reference: torch.Tensor, block_size: int,
@@ -193,7 +195,9 @@ def release_neighbours(released: torch.Tensor, real_train: torch.Tensor, real_te
                                                                              block_size)[:, 0],
         dcr_holdout=neighbour_distances(released, holdout, 1, block_size)[:, 0],
         real_hits=count_within_radius(released, real_train, real_radii, block_size).cpu().numpy(),
-        released_hits=count_within_radius(real_train, released, released_radii, block_size).cpu().numpy())
+        released_hits=count_within_radius(real_train, released, released_radii, block_size).cpu().numpy(),
+        sdmetrics_dcr_train=sdmetrics_dcr(released, real_train),
+        sdmetrics_dcr_holdout=sdmetrics_dcr(released, real_test))
 
 
 def privacy_metrics(released: torch.Tensor, real_train: torch.Tensor, real_test: torch.Tensor,
@@ -203,3 +207,23 @@ def privacy_metrics(released: torch.Tensor, real_train: torch.Tensor, real_test:
     check_sizes(released, real_train, real_test, real_val)
     neighbours = release_neighbours(released, real_train, real_test, real_val, seed, block_size)
     return {metric.name: metric.compute(neighbours) for metric in METRICS if metric.compute is not None}
+
+
+@torch.no_grad()
+def sdmetrics_dcr(queries: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+    """SDMetrics' distance to closest record (sdmetrics.single_table.privacy.dcr_utils, numerical columns):
+    min over reference rows of the column mean of min(|q - r| / range, 1), each column's range max - min of
+    `reference`. A column of range 0 gives 0 / 0 = NaN where values agree, which pandas' mean skips, and 1
+    where they differ; so here. Exact pairwise work (no matmul form): blocks of queries x all references."""
+    queries, reference = queries.double(), reference.double()
+    spread = reference.max(dim=0).values - reference.min(dim=0).values
+    constant = spread == 0
+    nearest = torch.empty(len(queries), dtype=torch.float64, device=queries.device)
+    rows_per_block = max(1, PAIRWISE_ELEMENTS // (len(reference) * reference.shape[1]))
+    for start in range(0, len(queries), rows_per_block):
+        difference = (queries[start:start + rows_per_block, None, :] - reference[None, :, :]).abs()
+        scaled = (difference / torch.where(constant, 1.0, spread)).clamp(max=1.0)
+        scaled = torch.where(constant, (difference > 0).double(), scaled)
+        counted = (~constant | (difference > 0)).sum(dim=2)  # the columns pandas' mean does not skip
+        nearest[start:start + rows_per_block] = (scaled.sum(dim=2) / counted.clamp(min=1)).min(dim=1).values
+    return nearest.cpu().numpy()

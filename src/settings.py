@@ -123,6 +123,26 @@ class ProbeSettings(StageSettings):
                                    making=self.making if self.online is not None else None)
 
 
+@dataclass(frozen=True)
+class AttackSettings(StageSettings):
+    """python -m src.attack: membership inference on a release the stage makes from a drawn private set."""
+
+    output_root: Path = option(DEFAULT_ROOTS["output_root"], "where result files go", changes_results=False)
+    anonymizer: str = option("identity", "the anonymizer attacked", choices=list(ANONYMIZERS))
+    targets: int = option(200, "target records (even; half are members of the attacked release)", minimum=2)
+    shadows: int = option(8, "shadow releases shared across targets (even; each target IN for half)", minimum=2)
+    jobs: int = option(1, "shadow releases made at once, one process each", changes_results=False, minimum=1)
+    release: Any = nested()  # the anonymizer's Release settings
+    making: Any = nested()  # the anonymizer's Making settings
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for flag, value in (("--targets", self.targets), ("--shadows", self.shadows)):
+            if value % 2:
+                raise UserError(f"{flag} {value}: give an even number, so that exactly half are members")
+        _check_anonymizer_settings(self.anonymizer, release=self.release, making=self.making)
+
+
 def _check_anonymizer_settings(name: str, **parts: Any) -> None:
     """Nested settings must be the named anonymizer's own classes (a programming error otherwise)."""
     anonymizer = get_anonymizer(name)

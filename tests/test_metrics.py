@@ -8,8 +8,8 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_sco
 
 from src.cli import UserError
 from src.metric_registry import KNOWN, table_metrics
-from src.metrics import (MIN_SPLIT_ROWS, NEIGHBOURS, accuracy, auroc,
-                         balanced_accuracy, k_nearest_neighbours, nearest_neighbours, privacy_metrics)
+from src.metrics import (MIN_SPLIT_ROWS, NEIGHBOURS, accuracy, auroc, balanced_accuracy, k_nearest_neighbours,
+                         nearest_neighbours, privacy_metrics, sdmetrics_dcr)
 
 
 def test_binary_auroc_matches_sklearn_with_ties():
@@ -158,6 +158,8 @@ def brute_force_new_metrics(released, train, test, val, seed, k=NEIGHBOURS):
         "density": inside_real.sum(axis=1).mean() / k,
         "coverage": 100 * np.mean(released_to_train.min(axis=0) < real_radii),
         "mia_auc_density": 100 * roc_auc_score(members, log_ratio),
+        "sdmetrics_dcr_closer_to_training": 100 * np.mean(sdmetrics_dcr_oracle(released, train)
+                                                          < sdmetrics_dcr_oracle(released, test)),
     }
 
 
@@ -239,3 +241,55 @@ def test_privacy_metrics_on_gpu_equal_cpu():
     gpu = privacy_metrics(*(x.cuda() for x in (released, train, test, val)), seed=0, block_size=1024)
     for key, value in cpu.items():
         assert gpu[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+
+
+def sdmetrics_dcr_oracle(synthetic: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """SDMetrics' calculate_dcr for numerical columns, row by row and value by value as its code reads."""
+    ranges = reference.max(axis=0) - reference.min(axis=0)
+    result = []
+    for row in synthetic:
+        per_record = []
+        for record in reference:
+            values = []
+            for a, b, spread in zip(row, record, ranges):
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    distance = abs(a - b) / spread
+                values.append(min(distance, 1.0) if not np.isnan(distance) else np.nan)  # min(nan, 1) is nan
+            per_record.append(np.nanmean(values))  # pandas' mean skips NaN
+        result.append(min(per_record))
+    return np.array(result)
+
+
+def test_sdmetrics_dcr_overfitting_protection_as_sdmetrics_computes_it():
+    rng = np.random.default_rng(14)
+    train, test, val = (rng.normal(size=(n, 5)) for n in (30, 20, 12))
+    train[:, 4] = test[:, 4] = 1.0  # a constant column: 0 / 0 where values agree
+    released = np.concatenate([train[:10], rng.normal(size=(10, 5))])
+    released[3, 4] = 2.0
+    for reference in (train, test):
+        np.testing.assert_allclose(sdmetrics_dcr(torch.tensor(released), torch.tensor(reference)),
+                                   sdmetrics_dcr_oracle(released, reference), rtol=1e-12)
+    expected = 100 * np.mean(sdmetrics_dcr_oracle(released, train) < sdmetrics_dcr_oracle(released, test))
+    scaled = [torch.tensor(a * 3.0 + 1.0, dtype=torch.float32) for a in (released, train, test, val)]
+    result = privacy_metrics(*scaled, seed=0)["sdmetrics_dcr_closer_to_training"]
+    assert result == pytest.approx(expected)  # per-column scaling leaves it unchanged
+    assert privacy_metrics(*as_tensors(train, train, test, val), seed=0)["sdmetrics_dcr_closer_to_training"] == 100.0
+
+
+def test_density_attack_scores_copies_in_both_sets_as_a_tie():
+    generator = torch.Generator().manual_seed(15)
+    train, test, val = (torch.randn(n, 8, generator=generator).double() for n in (60, 60, 60))
+    duplicated = train[0].repeat(NEIGHBOURS, 1)  # 5 copies of member 0 in the reference and in the release
+    val, released = torch.cat([val, duplicated]), torch.cat([train[1:], duplicated])
+    score = privacy_metrics(*(t.float() for t in (released, train, test, val)), seed=0)["mia_auc_density"]
+
+    def kth(queries, reference):
+        return np.sort(cdist(queries.numpy(), reference.numpy()), axis=1)[:, NEIGHBOURS - 1]
+
+    reference_kth, released_kth = (np.r_[kth(train, ref), kth(test, ref)] for ref in (val, released))
+    assert reference_kth[0] == released_kth[0] == 0.0  # the tie: log(0) - log(0)
+    with np.errstate(divide="ignore"):
+        log_ratio = np.log(reference_kth[1:]) - np.log(released_kth[1:])
+    members = np.r_[np.ones(60), np.zeros(60)]
+    expected = 100 * roc_auc_score(members, np.r_[0.0, log_ratio])  # equal densities: log ratio 0
+    assert score == pytest.approx(expected)

@@ -3,11 +3,12 @@
 `python -m src.sweep CONFIG [--jobs N] [--slurm FILE] [--dry_run] [--output_root DIR] [--rerun-other-code]`
 
 A config (schema at the top of assets/configs/demo.yaml) expands into points, one
-stage-script run each, in four stages that form a DAG:
+stage-script run each, in stages that form a DAG:
   create_db per dataset -> anonymize (k-Same per k, CVAE per seed)
   -> probe (one per anonymizer and seed; online CVAE probes here too)
   -> noise (the test-noise probes of the same anonymizer and seed, after its plain
-     probe so that the two never run at once).
+     probe so that the two never run at once)
+  -> attack (with an `attack` entry: python -m src.attack per offline release and seed).
 A point is current, and is skipped without starting a process, when its outputs
 exist, every input they record still has the recorded fingerprint, and the settings
 the config sets, or defaults, match the settings they record; otherwise it runs. A
@@ -82,6 +83,14 @@ def main() -> None:
         tables = REPO_ROOT / sweep_dir / "tables"
         print(aggregate([REPO_ROOT / out for out in results], tables, config.warn_epsilon))
         print(f"tables and figures in {tables}")
+    attacks = [out for point in points if point.stage == "attack" and state[point.name] in ("ran", "current")
+               for out in point.outputs]
+    if attacks:
+        from src.attack_report import write_attack_report
+
+        tables = REPO_ROOT / sweep_dir / "tables"
+        print(write_attack_report([REPO_ROOT / out for out in attacks], tables))
+        print(f"attack tables and ROC figure in {tables}")
     if failures:
         print(f"{len(failures)} failed points:", file=sys.stderr)
         for point, reason in failures:

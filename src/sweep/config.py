@@ -21,10 +21,11 @@ from src.cli import UserError, brief_reason, check_finite
 from src.io import REPO_ROOT
 from src.defaults import DEFAULT_ROOTS
 from src.options import check_value, option_field, option_fields
-from src.settings import NOISE_UNITS, CreateDbSettings, ProbeSettings, ProbeTraining, StageSettings
+from src.settings import NOISE_UNITS, AttackSettings, CreateDbSettings, ProbeSettings, ProbeTraining, StageSettings
 
 TOP_KEYS = {"name", "datasets", "backbone", "weights", "img_size", "seeds", "sigmas", "noise_units", "anonymizers",
-            "probe", "create_db", "device", "download", "paths", "slurm", "warn_epsilon"}
+            "probe", "create_db", "device", "download", "paths", "slurm", "warn_epsilon", "attack"}
+ATTACK_KEYS = ("targets", "shadows", "jobs")  # AttackSettings fields a config's `attack` entry may set
 CREATE_DB_KEYS = ("batch_size", "num_workers")  # CreateDbSettings fields a config may set
 PATH_DEFAULTS = {key: str(root) for key, root in DEFAULT_ROOTS.items()}
 SLURM_KEYS = {"partition", "account", "time", "gres", "cpus_per_task", "mem"}
@@ -57,6 +58,7 @@ class SweepConfig:
     paths: dict[str, str]
     slurm: dict[str, str]
     warn_epsilon: float | None = None  # warn when one split's DP releases compose past it
+    attack: dict[str, int] | None = None  # membership inference (src.attack) on every offline release, if given
 
 
 class ConfigReader:
@@ -205,6 +207,11 @@ def load_config(path: Path) -> SweepConfig:
     create_fields = {f.name: f for f in option_fields(CreateDbSettings) if f.name in CREATE_DB_KEYS}
     create_db = {name: read.field_values(create_fields[name], value, f"create_db.{name}")[0]
                  for name, value in read.keys(raw.get("create_db"), list(CREATE_DB_KEYS), "create_db").items()}
+    attack = None
+    if "attack" in raw:
+        attack_fields = {f.name: f for f in option_fields(AttackSettings) if f.name in ATTACK_KEYS}
+        attack = {name: read.field_values(attack_fields[name], value, f"attack.{name}")[0]
+                  for name, value in read.keys(raw["attack"], list(ATTACK_KEYS), "attack").items()}
     device = read.field_values(option_field(StageSettings, "device"), [raw.get("device", "auto")], "device")[0]
     download = raw.get("download", False)
     if not isinstance(download, bool):
@@ -225,7 +232,7 @@ def load_config(path: Path) -> SweepConfig:
     return SweepConfig(name=name, datasets=datasets, backbone=backbone, weights=weights, img_size=img_size,
                        seeds=seeds, sigmas=sigmas, noise_units=noise_units, anonymizers=anonymizers, probe=probe,
                        create_db=create_db, device=device, download=download, paths=paths, slurm=slurm,
-                       warn_epsilon=warn_epsilon)
+                       warn_epsilon=warn_epsilon, attack=attack)
 
 
 def check_dataset_names(read: ConfigReader, datasets: list[str]) -> None:

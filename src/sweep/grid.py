@@ -7,6 +7,7 @@ spelt here a second time, and a command the script would refuse fails here first
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +17,12 @@ from typing import Any
 from src.cli import UserError
 from src.naming import dataset_dirname
 from src.options import command_flags, flag_value, option_fields, result_keys, settings_record
-from src.settings import CreateDbSettings, ProbeTraining
+from src.settings import AttackSettings, CreateDbSettings, ProbeTraining
 from src.anonymizers.base import ONLINE_SUFFIX
 from src.sweep.config import REPO_ROOT, AnonymizerGrid, SweepConfig, grid_settings, settings_objects
 
-STAGES = ("create_db", "anonymize", "probe", "noise")
+STAGES = ("create_db", "anonymize", "probe", "noise", "attack")
+ATTACK_MODULE = "src.attack"  # run as `python -m src.attack`: a library module, not one of the paper's scripts
 _SCRIPTS: dict[str, ModuleType] = {}
 
 
@@ -47,10 +49,12 @@ def stage_script(script: str) -> ModuleType:
 
 
 def make_point(name: str, stage: str, command: list[str], deps: list[str]) -> Point:
-    """A point whose settings and outputs the script derives from its own command line."""
-    script = stage_script(command[0])
+    """A point whose settings and outputs the script derives from its own command line (a top-level
+    script, or `-m module` for a stage that lives in src/)."""
+    module = command[0] == "-m"
+    script = importlib.import_module(command[1]) if module else stage_script(command[0])
     try:
-        settings = script.parse_settings(command[1:])
+        settings = script.parse_settings(command[2 if module else 1:])
     except SystemExit as exit_info:  # argparse refused it: a flag the sweep wrote that the script does not take
         raise UserError(f"point {name}: {command[0]} refused {' '.join(command[1:])}") from exit_info
     record = settings_record(settings)
@@ -130,7 +134,25 @@ def expand(config: SweepConfig, results_dir: Path) -> list[Point]:
                          "--sigma", *map(flag_value, config.sigmas), "--noise_units", *config.noise_units,
                          "--seed", str(seed), *results, *probe_args, *device, *stores],
                         made.get((grid.anonymizer.name, seed), [])))
+        points += attack_points(config, safe, base, [*results, *device, *stores], create.name)
     return sorted(points, key=lambda point: STAGES.index(point.stage))  # stable: config order within a stage
+
+
+def attack_points(config: SweepConfig, safe: str, base: list[str], common: list[str], made_by: str) -> list[Point]:
+    """With an `attack` entry: one membership-inference run per offline release and seed (src.attack makes
+    its own attacked release and shadows from the real databases, so it waits for create_db only)."""
+    if config.attack is None:
+        return []
+    attack_args = command_flags(AttackSettings, config.attack)
+    points = []
+    for grid in (g for g in config.anonymizers if not g.online):
+        for combination in grid_settings(grid):
+            args, flag = anonymizer_flags(grid, combination)
+            for seed in config.seeds:
+                points.append(make_point(f"attack-{safe}-{flag}-s{seed}", "attack",
+                                         ["-m", ATTACK_MODULE, *base, "--anonymizer", grid.anonymizer.name, *args,
+                                          "--seed", str(seed), *attack_args, *common], [made_by]))
+    return points
 
 
 def picking_flags(grid: AnonymizerGrid, combination: dict[str, Any]) -> list[str]:
