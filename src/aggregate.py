@@ -26,9 +26,9 @@ from typing import Iterable
 import numpy as np
 
 from src.anonymizers import ANONYMIZERS, anonymizer_of_flag
-from src.cli import ArgumentParser, UserError, check_finite, run_cli
+from src.cli import ArgumentParser, UserError, run_cli
 from src.io import atomic_path
-from src.ledger import ADJACENCY, split_ledger
+from src.ledger import ADJACENCY, add_warn_epsilon, split_ledger
 from src.metric_registry import KNOWN, METRICS as REGISTERED, PAPER, TIMING, table_metrics
 from src.anonymizers.base import NUMBER
 from src.naming import parse_result_name
@@ -454,11 +454,8 @@ def main() -> None:
     parser.add_argument("results_dir", type=Path, help="folder the probe scripts wrote their JSON files to")
     parser.add_argument("--out", type=Path, default=None,
                         help="where tables and figures go (default RESULTS_DIR/tables)")
-    parser.add_argument("--warn_epsilon", type=float, default=None,
-                        help="warn when one split's DP releases compose past this epsilon")
+    add_warn_epsilon(parser)
     args = parser.parse_args()
-    if args.warn_epsilon is not None:
-        check_finite("--warn_epsilon", args.warn_epsilon, above=0)
     out_dir = args.out if args.out is not None else args.results_dir / "tables"
     print(aggregate(find_results(args.results_dir), out_dir, args.warn_epsilon))
     print(f"tables and figures in {out_dir}")

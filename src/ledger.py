@@ -128,16 +128,22 @@ def split_ledger(releases: dict[str, list[tuple[str, dict]]], warn_epsilon: floa
     return "\n".join(rows), warnings_
 
 
+def add_warn_epsilon(parser: ArgumentParser) -> None:
+    """--warn_epsilon, the threshold the ledger and the aggregate warn past, checked when parsed."""
+    def positive_epsilon(text: str) -> float:
+        return check_finite("--warn_epsilon", float(text), above=0)
+
+    parser.add_argument("--warn_epsilon", type=positive_epsilon, default=None,
+                        help="warn when one split's DP releases compose past this epsilon")
+
+
 def main() -> None:
     """python -m src.ledger: the budget spent on each private split by the DP releases under a database root."""
     parser = ArgumentParser(description=main.__doc__.split(": ", 1)[1])
     parser.add_argument("--database_root", type=Path, default=DEFAULT_ROOTS["database_root"],
                         help="where the releases are (default assets/database)")
-    parser.add_argument("--warn_epsilon", type=float, default=None,
-                        help="warn when one split's releases compose past this epsilon")
+    add_warn_epsilon(parser)
     args = parser.parse_args()
-    if args.warn_epsilon is not None:
-        check_finite("--warn_epsilon", args.warn_epsilon, above=0)
     releases: dict[str, list[tuple[str, dict]]] = {}
     for path in sorted(Path(args.database_root).glob("*/*/train_*.npz")):
         with np.load(path, allow_pickle=False) as npz:
