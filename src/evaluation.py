@@ -12,7 +12,6 @@ noise. Privacy is always measured in the real train z-score space.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,8 @@ from src.cli import UserError
 from src.io import (array_fingerprint, check_output_folder, declared_classes, file_fingerprint, load_database,
                     provenance, write_json)
 from src.metrics import accuracy, auroc, balanced_accuracy, check_sizes, nearest_neighbours, privacy_metrics
-from src.naming import (create_db_command, database_dir, database_paths, private_sidecar_path, release_hint,
-                         release_path, result_paths)
+from src.naming import (create_db_command, database_dir, database_paths, release_hint,
+                         release_path, result_paths, with_private_sidecar)
 from src.options import settings_record
 from src.probe import TrainSource, predict_proba, probe_checkpoint_path, train_probe, zscore, zscore_stats
 from src.runtime import resolve_device, seed_everything
@@ -63,9 +62,7 @@ def load_probe_data(settings: StageSettings, released_path: Path | None = None, 
         released_x, released_y = splits["train"]
     else:
         released_x, released_y, released_meta = load_database(released_path, released_hint)
-        sidecar = private_sidecar_path(released_path)  # a DP release's timing is kept out of it, beside it
-        if "dp" in released_meta and sidecar.is_file():
-            released_meta = {**json.loads(sidecar.read_text()), **released_meta}
+        released_meta = with_private_sidecar(released_path, released_meta)  # a DP release's timing is beside it
 
     dims = {path: x.shape[1] for path, (x, _) in [*zip(paths.values(), splits.values()),
                                                    (released_path, (released_x, released_y))]}

@@ -10,6 +10,7 @@ and how a result file's name is read back (src.aggregate). No model library is i
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,15 @@ def private_sidecar_path(release: Path) -> Path:
     """Where a DP release's maker keeps what it learnt outside the mechanism (input fingerprints, timings, a
     validation loss): beside the release, named so that nobody publishes it with it."""
     return Path(release).with_name(Path(release).stem + PRIVATE_SIDECAR)
+
+
+def with_private_sidecar(release: Path, meta: dict) -> dict:
+    """A DP release's meta with what its maker kept in the private sidecar (fingerprints, timing) added
+    underneath, for the maker's own tools (the sweep, the probes); any other meta as it is."""
+    sidecar = private_sidecar_path(release)
+    if "dp" not in meta or not sidecar.is_file():
+        return meta
+    return {**json.loads(sidecar.read_text()), **meta}
 
 
 def release_hint(settings: StageSettings, anonymizer: Anonymizer, release: Any) -> str:

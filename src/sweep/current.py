@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from src.io import code_version, file_fingerprint
-from src.naming import private_sidecar_path
+from src.naming import with_private_sidecar
 from src.sweep.config import REPO_ROOT
 from src.sweep.grid import Point
 
@@ -26,9 +26,8 @@ def recorded(path: Path) -> dict | None:
         else:
             with np.load(path, allow_pickle=False) as npz:
                 record = json.loads(str(npz["meta"])) if "meta" in npz.files else {}
-            sidecar = private_sidecar_path(path)
-            if isinstance(record, dict) and "dp" in record and sidecar.is_file():
-                record = {**json.loads(sidecar.read_text()), **record}
+            if isinstance(record, dict):
+                record = with_private_sidecar(path, record)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return None
     return record if isinstance(record, dict) else None
