@@ -21,11 +21,11 @@ from src.data import SPLITS, load_split
 from src.cli import run_cli
 from src.io import code_version, file_fingerprint, load_database, save_database, write_json
 from src.naming import database_dir
-from src.metric_registry import TIMING, table_metrics
 from src.options import settings_record
 from src.settings import CreateDbSettings
 from src.sweep import REPO_ROOT, expand, load_config, main, stale_reason
 from src.sweep.grid import stage_script
+from table_checks import without_timing  # tests/table_checks.py
 
 BACKBONE = "vit_small_patch14_dinov2"
 STAGE_SCRIPTS = all((REPO_ROOT / script).is_file() for script in ("create_db.py", "probing.py", "probing_noise.py"))
@@ -251,10 +251,7 @@ def test_runs_real_scripts_skips_reruns_and_jobs_agree(tmp_path, monkeypatch, ca
         assert sweep(monkeypatch, write_config(root), "--jobs", jobs) == 0
         assert "4 ran, 1 current" in capsys.readouterr().out
         folder = root / "output_root/sweeps/tiny/tables"
-        tables[jobs] = {path.name: path.read_text() for path in folder.glob("*.csv")
-                        if not path.name.startswith(table_metrics(TIMING))}  # seconds differ from run to run
-        tables[jobs]["summary.csv"] = "".join(line for line in tables[jobs]["summary.csv"].splitlines(True)
-                                              if line.split(",")[4] not in table_metrics(TIMING))
+        tables[jobs] = without_timing({path.name: path.read_text() for path in folder.glob("*.csv")})
     assert tables[1] == tables[2] and "auc_sigma-1.csv" in tables[1]
 
     root = tmp_path / "jobs1"
