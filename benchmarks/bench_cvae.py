@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from src.cvae import CVAE, CVAEBundle, CVAEConfig, MinMaxScaler, OnlineSampler, batch_loss, train_cvae  # noqa: E402
+from src.anonymizers.cvae import CVAEMaking, CVAERelease  # noqa: E402
+from src.cvae import CVAE, CVAEBundle, MinMaxScaler, OnlineSampler, batch_loss, train_cvae  # noqa: E402
 from src.runtime import resolve_device, seed_everything  # noqa: E402
 from timing import race  # noqa: E402  (benchmarks/timing.py, next to this script)
 
@@ -38,7 +39,7 @@ def gaussian_mixture(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarra
 
 
 def train_reference_style(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                          config: CVAEConfig, device: torch.device, seed: int) -> CVAE:
+                          making: CVAEMaking, device: torch.device, seed: int) -> CVAE:
     """The reference's loop: CPU DataLoader with per-sample collation, per-batch copies and .item()."""
     seed_everything(seed)
     scaler = MinMaxScaler.fit(torch.from_numpy(train_x))
@@ -46,15 +47,16 @@ def train_reference_style(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
     def dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
         return TensorDataset(scaler.transform(torch.from_numpy(x)), F.one_hot(torch.from_numpy(y), NUM_CLASSES).float())
 
-    train_loader = DataLoader(dataset(train_x, train_y), batch_size=config.batch_size, shuffle=True)
-    val_loader = DataLoader(dataset(val_x, val_y), batch_size=config.batch_size)
-    model = CVAE(DIM, NUM_CLASSES, config.hidden_dim, config.latent_dim).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    for _ in range(config.max_epochs):
+    train_loader = DataLoader(dataset(train_x, train_y), batch_size=making.cvae_batch_size, shuffle=True)
+    val_loader = DataLoader(dataset(val_x, val_y), batch_size=making.cvae_batch_size)
+    model = CVAE(DIM, NUM_CLASSES, making.cvae_hidden_dim, making.cvae_latent_dim).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=making.cvae_lr)
+    for _ in range(making.max_epochs):
         model.train()
         for x, onehot in train_loader:
             x, onehot = x.to(device), onehot.to(device)
-            loss = batch_loss(model, x, onehot, torch.randn(len(x), config.latent_dim, device=device), config)
+            noise = torch.randn(len(x), making.cvae_latent_dim, device=device)
+            loss = batch_loss(model, x, onehot, noise, CVAERelease(), making)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -63,7 +65,8 @@ def train_reference_style(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
         with torch.no_grad():
             for x, onehot in val_loader:
                 x, onehot = x.to(device), onehot.to(device)
-                batch_loss(model, x, onehot, torch.randn(len(x), config.latent_dim, device=device), config).item()
+                noise = torch.randn(len(x), making.cvae_latent_dim, device=device)
+                batch_loss(model, x, onehot, noise, CVAERelease(), making).item()
     return model
 
 
@@ -87,20 +90,20 @@ def main() -> None:
                         help="rounds, ours and the baseline interleaved; the fastest is reported")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    config = CVAEConfig(max_epochs=args.epochs, patience=args.epochs + 1)
+    making = CVAEMaking(max_epochs=args.epochs, cvae_patience=args.epochs + 1)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, D={DIM}, "
           f"{NUM_CLASSES} classes, {args.epochs} epochs, val set N/4, fastest of {args.repeats} runs")
 
     warmup = gaussian_mixture(64, seed=0) + gaussian_mixture(16, seed=1)  # first-call library set-up, untimed
-    train_cvae(*warmup, NUM_CLASSES, CVAEConfig(max_epochs=1), device, seed=0)
-    train_reference_style(*warmup, CVAEConfig(max_epochs=1), device, seed=0)
+    train_cvae(*warmup, NUM_CLASSES, CVAERelease(), CVAEMaking(max_epochs=1), device, seed=0)
+    train_reference_style(*warmup, CVAEMaking(max_epochs=1), device, seed=0)
 
     for size in args.sizes:
         train_x, train_y = gaussian_mixture(size, seed=0)
         val_x, val_y = gaussian_mixture(max(size // 4, 1), seed=1)
         training = race({
-            "ours": lambda: train_cvae(train_x, train_y, val_x, val_y, NUM_CLASSES, config, device, 0),
-            "reference": lambda: train_reference_style(train_x, train_y, val_x, val_y, config, device, 0),
+            "ours": lambda: train_cvae(train_x, train_y, val_x, val_y, NUM_CLASSES, CVAERelease(), making, device, 0),
+            "reference": lambda: train_reference_style(train_x, train_y, val_x, val_y, making, device, 0),
         }, device, args.repeats)
         (ours_s, bundle), (reference_s, _) = training["ours"], training["reference"]
         print(f"N={size:>6} train {args.epochs} epochs: ours {ours_s:8.2f} s, reference-style DataLoader "

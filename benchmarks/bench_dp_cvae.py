@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_cvae import DIM, NUM_CLASSES, gaussian_mixture  # noqa: E402  (benchmarks/, next to this script)
-from src.cvae import CVAE, CVAEConfig, batch_loss, train_cvae  # noqa: E402
+from src.cvae import CVAE, batch_loss, train_cvae  # noqa: E402
 from src.anonymizers.cvae import CVAEMaking, CVAERelease  # noqa: E402
 from src.dp_cvae import clipped_gradient_sum, train_cvae_dp  # noqa: E402
 from src.runtime import resolve_device  # noqa: E402
@@ -33,16 +33,16 @@ from timing import race  # noqa: E402
 
 
 def opacus_clipped_sum(model: CVAE, x: torch.Tensor, onehot: torch.Tensor, noise: torch.Tensor,
-                       config: CVAEConfig, max_grad_norm: float) -> dict[torch.nn.Parameter, torch.Tensor]:
+                       release: CVAERelease, making: CVAEMaking) -> dict[torch.nn.Parameter, torch.Tensor]:
     """The usual opacus route: materialised per-sample gradients, their norms, clip, sum."""
     from opacus import GradSampleModule
 
     wrapped = GradSampleModule(model, loss_reduction="sum")
     try:
-        batch_loss(model, x, onehot, noise, config).backward()
+        batch_loss(model, x, onehot, noise, release, making).backward()
         parameters = list(model.parameters())
         norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in parameters]).norm(dim=0)
-        factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        factors = (making.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         return {p: torch.einsum("i,i...->...", factors, p.grad_sample) for p in parameters}
     finally:
         wrapped.remove_hooks()
@@ -65,35 +65,37 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="Optimal order")  # opacus's note on its alpha grid
     warnings.filterwarnings("ignore", message="Full backward hook")  # opacus's hooks on input-free layers
     device = resolve_device(args.device)
-    config = CVAEConfig(max_epochs=args.epochs, patience=args.epochs + 1)
-    dp = (CVAERelease(dp_epsilon=1.0), CVAEMaking(dp_epochs=args.epochs, dp_seeded_noise_not_private=True))
+    making = CVAEMaking(max_epochs=args.epochs, cvae_patience=args.epochs + 1, dp_epochs=args.epochs,
+                        dp_seeded_noise_not_private=True)
+    dp = (CVAERelease(dp_epsilon=1.0), making)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, N={args.size}, "
-          f"D={DIM}, {NUM_CLASSES} classes, batch {config.batch_size}, {args.epochs} epochs, "
+          f"D={DIM}, {NUM_CLASSES} classes, batch {making.cvae_batch_size}, {args.epochs} epochs, "
           f"fastest of {args.repeats} runs")
 
     train_x, train_y = gaussian_mixture(args.size, seed=0)
     val_x, val_y = gaussian_mixture(64, seed=1)
-    train_cvae_dp(train_x, train_y, NUM_CLASSES, config, *dp, device, seed=0)  # warm-up, caches the calibration
+    train_cvae_dp(train_x, train_y, NUM_CLASSES, *dp, device, seed=0)  # warm-up, caches the calibration
     training = race({
-        "dp": lambda: train_cvae_dp(train_x, train_y, NUM_CLASSES, config, *dp, device, 0),
-        "non-dp": lambda: train_cvae(train_x, train_y, val_x, val_y, NUM_CLASSES, config, device, 0),
+        "dp": lambda: train_cvae_dp(train_x, train_y, NUM_CLASSES, *dp, device, 0),
+        "non-dp": lambda: train_cvae(train_x, train_y, val_x, val_y, NUM_CLASSES, CVAERelease(), making, device, 0),
     }, device, args.repeats)
     dp_s, plain_s = training["dp"][0] / args.epochs, training["non-dp"][0] / args.epochs
     print(f"per epoch: DP-CVAE {dp_s:7.3f} s, CVAE {plain_s:7.3f} s, DP / non-DP {dp_s / plain_s:5.2f}x "
           f"(noise multiplier {training['dp'][1][1]['noise_multiplier']:.3f})")
 
-    model = CVAE(DIM, NUM_CLASSES, config.hidden_dim, config.latent_dim).to(device)
+    model = CVAE(DIM, NUM_CLASSES, making.cvae_hidden_dim, making.cvae_latent_dim).to(device)
     generator = torch.Generator(device=device).manual_seed(0)
-    x = torch.rand(config.batch_size, DIM, device=device, generator=generator)
-    onehot = F.one_hot(torch.as_tensor(train_y[:config.batch_size], device=device), NUM_CLASSES).float()
-    noise = torch.randn(config.batch_size, config.latent_dim, device=device, generator=generator)
+    batch = making.cvae_batch_size
+    x = torch.rand(batch, DIM, device=device, generator=generator)
+    onehot = F.one_hot(torch.as_tensor(train_y[:batch], device=device), NUM_CLASSES).float()
+    noise = torch.randn(batch, making.cvae_latent_dim, device=device, generator=generator)
     step = race({
-        "ghost": lambda: clipped_gradient_sum(model, x, onehot, noise, config, dp[1].max_grad_norm),
-        "opacus": lambda: opacus_clipped_sum(model, x, onehot, noise, config, dp[1].max_grad_norm),
+        "ghost": lambda: clipped_gradient_sum(model, x, onehot, noise, *dp),
+        "opacus": lambda: opacus_clipped_sum(model, x, onehot, noise, *dp),
     }, device, args.repeats)
     (ghost_s, ghost), (opacus_s, materialised) = step["ghost"], step["opacus"]
     difference = max((ghost[p] - materialised[p]).abs().max().item() for p in model.parameters())
-    print(f"clipped sum of {config.batch_size} records: ghost {ghost_s * 1e3:7.1f} ms, opacus per-sample "
+    print(f"clipped sum of {batch} records: ghost {ghost_s * 1e3:7.1f} ms, opacus per-sample "
           f"{opacus_s * 1e3:7.1f} ms, speed-up {opacus_s / ghost_s:5.1f}x, largest difference {difference:.2e}")
 
 

@@ -13,7 +13,7 @@ bf16 would save little and would coarsen the generated embeddings.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from src.anonymizers.cvae import CVAEMaking, CVAERelease
 from src.cli import UserError, brief_reason
 from src.defaults import ONLINE_FACTOR, SAMPLING_VARIANCE
 from src.io import array_fingerprint, atomic_path, provenance, settings_key
@@ -31,20 +32,6 @@ from src.runtime import seed_everything
 # sigmoid and the un-normalisation run over them: twice as fast on a CPU as one big call, and on a
 # GPU the 50 calls of a 50,000-vector epoch cost about a millisecond of launches.
 GENERATION_CHUNK = 1024
-
-
-@dataclass(frozen=True)
-class CVAEConfig:
-    """Reference hyperparameters; `reference_objective` reproduces the reference's loss."""
-
-    lr: float = 1e-3
-    batch_size: int = 512
-    max_epochs: int = 1000
-    patience: int = 15
-    beta: float = 0.1
-    hidden_dim: int = 256
-    latent_dim: int = 50
-    reference_objective: bool = False
 
 
 @dataclass
@@ -114,22 +101,22 @@ def kl_divergence(mean: torch.Tensor, log_var: torch.Tensor, reference_objective
 
 
 def batch_loss(model: CVAE, x: torch.Tensor, onehot: torch.Tensor, noise: torch.Tensor,
-               config: CVAEConfig) -> torch.Tensor:
+               release: CVAERelease, making: CVAEMaking) -> torch.Tensor:
     """Summed squared reconstruction error + beta * KL over one batch (the reference's loss)."""
     mean, log_var = model.encode(x, onehot)
-    z = reparameterize(mean, log_var, noise, config.reference_objective)
+    z = reparameterize(mean, log_var, noise, release.reference_objective)
     reconstruction = F.mse_loss(model.decode(z, onehot), x, reduction="sum")
-    return reconstruction + config.beta * kl_divergence(mean, log_var, config.reference_objective)
+    return reconstruction + making.cvae_beta * kl_divergence(mean, log_var, release.reference_objective)
 
 
 @torch.no_grad()
 def mean_loss(model: CVAE, x: torch.Tensor, onehot: torch.Tensor, noise: torch.Tensor,
-              config: CVAEConfig) -> float:
+              release: CVAERelease, making: CVAEMaking) -> float:
     """Loss per sample over a whole (scaled) set, evaluated in chunks of the batch size."""
     total = torch.zeros((), device=x.device)
-    for start in range(0, len(x), config.batch_size):
-        rows = slice(start, start + config.batch_size)
-        total += batch_loss(model, x[rows], onehot[rows], noise[rows], config)
+    for start in range(0, len(x), making.cvae_batch_size):
+        rows = slice(start, start + making.cvae_batch_size)
+        total += batch_loss(model, x[rows], onehot[rows], noise[rows], release, making)
     return total.item() / len(x)
 
 
@@ -142,7 +129,8 @@ def fixed_noise(num_samples: int, latent_dim: int, seed: int, device: torch.devi
 
 @dataclass
 class CVAEBundle:
-    """A trained CVAE with what generation needs (scaler, class count) and how training went.
+    """A trained CVAE with what generation needs (scaler, class count), the settings that made it,
+    and how training went.
 
     `checkpoint` is the file it was saved to or loaded from (None when trained without one),
     so callers can record it without hashing the data again.
@@ -151,7 +139,8 @@ class CVAEBundle:
     model: CVAE
     scaler: MinMaxScaler
     num_classes: int
-    config: CVAEConfig
+    release: CVAERelease
+    making: CVAEMaking
     history: dict[str, list[float]]
     best_epoch: int
     checkpoint: Path | None = None
@@ -176,7 +165,8 @@ def scaled_tensors(scaler: MinMaxScaler, x: np.ndarray, y: np.ndarray, num_class
 
 
 def train_cvae(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-               num_classes: int, config: CVAEConfig, device: torch.device, seed: int) -> CVAEBundle:
+               num_classes: int, release: CVAERelease, making: CVAEMaking, device: torch.device,
+               seed: int) -> CVAEBundle:
     """Train with early stopping on validation loss; return the best epoch's weights in eval mode.
 
     Losses in `history` are per sample. The validation loss uses `fixed_noise(len(val_x),
@@ -191,68 +181,77 @@ def train_cvae(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
     scaler = MinMaxScaler.fit(torch.as_tensor(train_x, dtype=torch.float32, device=device))
     x, onehot = scaled_tensors(scaler, train_x, train_y, num_classes, device)
     val, val_onehot = scaled_tensors(scaler, val_x, val_y, num_classes, device)
-    val_noise = fixed_noise(len(val), config.latent_dim, seed, device)
+    val_noise = fixed_noise(len(val), making.cvae_latent_dim, seed, device)
 
-    model = CVAE(x.shape[1], num_classes, config.hidden_dim, config.latent_dim).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    model = CVAE(x.shape[1], num_classes, making.cvae_hidden_dim, making.cvae_latent_dim).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=making.cvae_lr)
     history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
     best_loss, best_epoch, best_state = float("inf"), 0, None
-    progress = tqdm(range(1, config.max_epochs + 1), desc="cvae", leave=False, disable=None)
+    progress = tqdm(range(1, making.max_epochs + 1), desc="cvae", leave=False, disable=None)
     for epoch in progress:
         model.train()
         order = torch.randperm(len(x), device=device, generator=generator)
-        noise = torch.randn(len(x), config.latent_dim, device=device, generator=generator)
+        noise = torch.randn(len(x), making.cvae_latent_dim, device=device, generator=generator)
         epoch_loss = torch.zeros((), device=device)
-        for start in range(0, len(x), config.batch_size):
-            rows = order[start:start + config.batch_size]
-            loss = batch_loss(model, x[rows], onehot[rows], noise[start:start + config.batch_size], config)
+        batch_size = making.cvae_batch_size
+        for start in range(0, len(x), batch_size):
+            rows = order[start:start + batch_size]
+            loss = batch_loss(model, x[rows], onehot[rows], noise[start:start + batch_size], release, making)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             epoch_loss += loss.detach()
         model.eval()
-        val_loss = mean_loss(model, val, val_onehot, val_noise, config)
+        val_loss = mean_loss(model, val, val_onehot, val_noise, release, making)
         history["train_loss"].append(epoch_loss.item() / len(x))
         history["val_loss"].append(val_loss)
         if math.isfinite(val_loss) and val_loss < best_loss:
             best_loss, best_epoch = val_loss, epoch
             best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
         progress.set_postfix(val=f"{val_loss:.4g}", best_epoch=best_epoch)
-        if epoch - best_epoch >= config.patience:
+        if epoch - best_epoch >= making.cvae_patience:
             break
     if best_state is None:
-        raise UserError(f"CVAE validation loss was never finite (last {val_loss:g}) with learning rate {config.lr:g}; "
-                        "lower the learning rate or check the embeddings for extreme values")
+        raise UserError(f"CVAE validation loss was never finite (last {val_loss:g}) with --cvae_lr {making.cvae_lr:g}; "
+                        "lower it or check the embeddings for extreme values")
     model.load_state_dict(best_state)
     model.eval()
-    return CVAEBundle(model, scaler, num_classes, config, history, best_epoch)
+    return CVAEBundle(model, scaler, num_classes, release, making, history, best_epoch)
 
 
 def evaluate_loss(bundle: CVAEBundle, x: np.ndarray, y: np.ndarray, seed: int) -> float:
     """Per-sample loss of raw embeddings under the bundle, with the noise training used for validation."""
     x_scaled, onehot = scaled_tensors(bundle.scaler, x, y, bundle.num_classes, bundle.device)
-    noise = fixed_noise(len(x_scaled), bundle.config.latent_dim, seed, bundle.device)
-    return mean_loss(bundle.model, x_scaled, onehot, noise, bundle.config)
+    noise = fixed_noise(len(x_scaled), bundle.model.latent_dim, seed, bundle.device)
+    return mean_loss(bundle.model, x_scaled, onehot, noise, bundle.release, bundle.making)
+
+
+def training_settings(release: CVAERelease, making: CVAEMaking) -> dict:
+    """The settings that shape non-DP training, under the names checkpoint keys have always used
+    (so checkpoints saved before these settings became flags are still found)."""
+    return {"lr": making.cvae_lr, "batch_size": making.cvae_batch_size, "max_epochs": making.max_epochs,
+            "patience": making.cvae_patience, "beta": making.cvae_beta, "hidden_dim": making.cvae_hidden_dim,
+            "latent_dim": making.cvae_latent_dim, "reference_objective": release.reference_objective}
 
 
 def checkpoint_path(ckpt_dir: Path, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
-                    val_y: np.ndarray, num_classes: int, config: CVAEConfig, seed: int) -> Path:
+                    val_y: np.ndarray, num_classes: int, release: CVAERelease, making: CVAEMaking, seed: int) -> Path:
     """`<ckpt_dir>/cvae-<key>.pt`, the key hashing settings, seed and the train and val data,
     so a checkpoint is only ever reused for exactly what produced it."""
-    settings = {"config": asdict(config), "seed": seed, "num_classes": num_classes,
+    settings = {"config": training_settings(release, making), "seed": seed, "num_classes": num_classes,
                 "data": array_fingerprint(train_x, train_y, val_x, val_y)}
     return Path(ckpt_dir) / f"cvae-{settings_key(settings)}.pt"
 
 
 def load_or_train_cvae(ckpt_dir: Path, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
-                       val_y: np.ndarray, num_classes: int, config: CVAEConfig, device: torch.device,
-                       seed: int) -> CVAEBundle:
+                       val_y: np.ndarray, num_classes: int, release: CVAERelease, making: CVAEMaking,
+                       device: torch.device, seed: int) -> CVAEBundle:
     """Reuse the checkpoint for these data and settings if there is one, else train and save it."""
-    path = checkpoint_path(ckpt_dir, train_x, train_y, val_x, val_y, num_classes, config, seed)
+    path = checkpoint_path(ckpt_dir, train_x, train_y, val_x, val_y, num_classes, release, making, seed)
     if path.is_file():
         try:
             saved = torch.load(path, map_location=device, weights_only=True)
-            model = CVAE(train_x.shape[1], num_classes, config.hidden_dim, config.latent_dim).to(device)
+            model = CVAE(train_x.shape[1], num_classes, making.cvae_hidden_dim, making.cvae_latent_dim).to(device)
             model.load_state_dict(saved["state_dict"])
             scaler = MinMaxScaler(minimum=saved["scaler_minimum"], span=saved["scaler_span"])
             history, best_epoch = saved["history"], saved["best_epoch"]
@@ -262,13 +261,13 @@ def load_or_train_cvae(ckpt_dir: Path, train_x: np.ndarray, train_y: np.ndarray,
         if best_epoch < 1 or not math.isfinite(best_loss):  # written before non-finite losses were refused
             raise UserError(f"CVAE checkpoint {path} holds a model whose validation loss was never finite; "
                             "delete it to retrain")
-        return CVAEBundle(model.eval(), scaler, num_classes, config, history, best_epoch, checkpoint=path)
+        return CVAEBundle(model.eval(), scaler, num_classes, release, making, history, best_epoch, checkpoint=path)
 
-    bundle = train_cvae(train_x, train_y, val_x, val_y, num_classes, config, device, seed)
+    bundle = train_cvae(train_x, train_y, val_x, val_y, num_classes, release, making, device, seed)
     bundle.checkpoint = path
     with atomic_path(path) as tmp:
         torch.save({
-            "settings": {"config": asdict(config), "seed": seed, "num_classes": num_classes,
+            "settings": {"config": training_settings(release, making), "seed": seed, "num_classes": num_classes,
                          "input_dim": int(train_x.shape[1]),
                          "train_fingerprint": array_fingerprint(train_x, train_y),
                          "val_fingerprint": array_fingerprint(val_x, val_y)},

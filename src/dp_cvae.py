@@ -39,7 +39,7 @@ from torch import nn
 
 from src.anonymizers.cvae import CVAEMaking, CVAERelease
 from src.cli import UserError
-from src.cvae import CVAE, CVAEBundle, CVAEConfig, MinMaxScaler, batch_loss, scaled_tensors
+from src.cvae import CVAE, CVAEBundle, MinMaxScaler, batch_loss, scaled_tensors
 from src.ledger import ADJACENCY, noise_multiplier, spent_epsilon
 from src.runtime import one_cpu_thread, seed_everything
 
@@ -126,14 +126,14 @@ def recorded_linear_calls(model: nn.Module) -> Iterator[list[tuple[nn.Linear, to
 
 
 def clipped_gradient_sum(model: CVAE, x: torch.Tensor, onehot: torch.Tensor, noise: torch.Tensor,
-                         config: CVAEConfig, max_grad_norm: float) -> dict[nn.Parameter, torch.Tensor]:
-    """Sum over the batch of each record's loss gradient clipped to L2 norm `max_grad_norm`, per parameter.
+                         release: CVAERelease, making: CVAEMaking) -> dict[nn.Parameter, torch.Tensor]:
+    """Sum over the batch of each record's loss gradient clipped to L2 norm `making.max_grad_norm`, per parameter.
 
     Each record's loss depends only on its own rows of every layer's input and output, so the
     gradient of the summed loss with respect to layer outputs holds every record's b_i at once.
     """
     with recorded_linear_calls(model) as calls:
-        loss = batch_loss(model, x, onehot, noise, config)
+        loss = batch_loss(model, x, onehot, noise, release, making)
     layers = [layer for layer, _, _ in calls]
     covered = {parameter for layer in layers for parameter in layer.parameters()}
     if len(set(layers)) != len(layers) or covered != set(model.parameters()):
@@ -142,7 +142,7 @@ def clipped_gradient_sum(model: CVAE, x: torch.Tensor, onehot: torch.Tensor, noi
     squared_norms = torch.zeros(len(x), device=x.device)
     for (_, inputs, _), grad in zip(calls, output_grads):
         squared_norms += inputs.pow(2).sum(1) * grad.pow(2).sum(1) + grad.pow(2).sum(1)  # weight + bias
-    factors = (max_grad_norm / (squared_norms.sqrt() + 1e-6)).clamp(max=1.0)
+    factors = (making.max_grad_norm / (squared_norms.sqrt() + 1e-6)).clamp(max=1.0)
     sums: dict[nn.Parameter, torch.Tensor] = {}
     for (layer, inputs, _), grad in zip(calls, output_grads):
         weighted = grad * factors[:, None]
@@ -151,8 +151,8 @@ def clipped_gradient_sum(model: CVAE, x: torch.Tensor, onehot: torch.Tensor, noi
     return sums
 
 
-def train_cvae_dp(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, config: CVAEConfig,
-                  release: CVAERelease, making: CVAEMaking, device: torch.device, seed: int) -> tuple[CVAEBundle, dict]:
+def train_cvae_dp(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, release: CVAERelease,
+                  making: CVAEMaking, device: torch.device, seed: int) -> tuple[CVAEBundle, dict]:
     """Train a CVAE with DP-SGD to `release.dp_epsilon`; return it with its accounting.
 
     The accounting (plain types, for .npz meta and result files) holds the relation, the mechanisms run,
@@ -163,9 +163,6 @@ def train_cvae_dp(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, co
     the same model on the CPU.
     """
     require_opacus()
-    if config.reference_objective:
-        raise UserError("--reference_objective cannot be combined with --dp_epsilon: DP training uses the "
-                        "correct ELBO only; drop one of the two flags")
     if not np.isfinite(train_x).all():
         raise UserError("the training embeddings hold NaN or infinite values, which no clipping bounds; "
                         "recreate the database with create_db.py")
@@ -177,7 +174,7 @@ def train_cvae_dp(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, co
         raise UserError(f"--dp_delta {making.dp_delta:g}: delta must be below 1/N for N = {len(train_x)} training "
                         "records, or a single record could be released")
     delta = making.dp_delta if making.dp_delta is not None else default_delta(noisy_total, num_classes, count_epsilon)
-    batches_per_epoch = max(1, math.ceil(noisy_total / config.batch_size))  # from N~: an epoch visits each once
+    batches_per_epoch = max(1, math.ceil(noisy_total / making.cvae_batch_size))  # from N~: an epoch visits each once
     sample_rate, steps = 1 / batches_per_epoch, making.dp_epochs * batches_per_epoch
     multiplier = calibrate_noise(epsilon, delta, sample_rate, steps, count_epsilon)
     expected_batch = sample_rate * max(noisy_total, 1.0)
@@ -187,14 +184,14 @@ def train_cvae_dp(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, co
     scaler = public_scaler(tuple(making.dp_bounds), train_x.shape[1], device)
     x, onehot = scaled_tensors(scaler, train_x, train_y, num_classes, device)
     x.clamp_(0, 1)
-    model = CVAE(x.shape[1], num_classes, config.hidden_dim, config.latent_dim).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    model = CVAE(x.shape[1], num_classes, making.cvae_hidden_dim, making.cvae_latent_dim).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=making.cvae_lr)
     noise_std = multiplier * making.max_grad_norm
     with one_cpu_thread():  # a step is some 40 small ops: on a busy CPU a second thread costs more than it gives
         for _ in range(steps):
             rows = torch.rand(len(x), device=device, generator=generator) < sample_rate
-            latent_noise = torch.randn(int(rows.sum()), config.latent_dim, device=device, generator=generator)
-            sums = clipped_gradient_sum(model, x[rows], onehot[rows], latent_noise, config, making.max_grad_norm)
+            latent_noise = torch.randn(int(rows.sum()), making.cvae_latent_dim, device=device, generator=generator)
+            sums = clipped_gradient_sum(model, x[rows], onehot[rows], latent_noise, release, making)
             for parameter in model.parameters():
                 noise = torch.randn(parameter.shape, device=device, generator=generator)
                 parameter.grad = (sums[parameter] + noise_std * noise) / expected_batch
@@ -208,9 +205,9 @@ def train_cvae_dp(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, co
         "delta_from": "--dp_delta" if making.dp_delta is not None else "the noisy count (1 / (10 N+))",
         "class_count_epsilon": count_epsilon, "noise_multiplier": multiplier, "sample_rate": sample_rate,
         "steps": steps, "epochs": making.dp_epochs, "max_grad_norm": making.max_grad_norm,
-        "batch_size": config.batch_size, "bounds": [float(bound) for bound in making.dp_bounds],
+        "batch_size": making.cvae_batch_size, "bounds": [float(bound) for bound in making.dp_bounds],
         "noise": "secret (OS entropy, not stored)" if secret else "seeded from --seed: NOT PRIVATE",
         "class_counts": class_counts.tolist(),
     }
-    bundle = CVAEBundle(model, scaler, num_classes, config, history={}, best_epoch=making.dp_epochs)
+    bundle = CVAEBundle(model, scaler, num_classes, release, making, history={}, best_epoch=making.dp_epochs)
     return bundle, accounting

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from src.backbones import create_backbone
-from src.cvae import CVAEConfig, OnlineSampler, train_cvae
+from src.anonymizers.cvae import CVAEMaking, CVAERelease
+from src.cvae import OnlineSampler, train_cvae
 from src.data.base import ImageSplit
 from src.extract import extract_embeddings
 from src.ksame import ksame_clusters
@@ -60,7 +61,8 @@ def test_probe_on_gpu_matches_cpu():
 def test_online_samples_on_gpu_stay_in_range_and_change_every_epoch():
     x, y = gaussian_classes(300, dim=16, spread=1.0, seed=4)
     val_x, val_y = gaussian_classes(100, dim=16, spread=1.0, seed=5)
-    bundle = train_cvae(x, y, val_x, val_y, 3, CVAEConfig(max_epochs=5, lr=1e-2), GPU, seed=0)
+    bundle = train_cvae(x, y, val_x, val_y, 3, CVAERelease(), CVAEMaking(max_epochs=5, cvae_lr=1e-2), GPU,
+                        seed=0)
     sampler = OnlineSampler(bundle, y, factor=4, variance=1.0, seed=0, device=GPU)
     (first, first_labels), (second, _) = sampler(0), sampler(1)
     assert first.device.type == "cuda" and first.shape == (1200, 16)

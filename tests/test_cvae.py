@@ -8,13 +8,15 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence as torch_kl
 
-from src.cvae import (CVAEConfig, OnlineSampler, checkpoint_path, class_counts, evaluate_loss, generate_offline,
+from src.anonymizers.cvae import CVAEMaking, CVAERelease
+from src.cvae import (OnlineSampler, checkpoint_path, class_counts, evaluate_loss, generate_offline,
                       kl_divergence, load_or_train_cvae, reparameterize, train_cvae)
 from src.cli import UserError
 
 CPU = torch.device("cpu")
 NUM_CLASSES = 3
-FEW_EPOCHS = CVAEConfig(max_epochs=4, lr=1e-2)
+CORRECT = CVAERelease()  # the correct ELBO, no DP
+FEW_EPOCHS = CVAEMaking(max_epochs=4, cvae_lr=1e-2)
 
 
 def mixture(num_samples: int, seed: int, dim: int = 16, proportions=(0.6, 0.3, 0.1)) -> tuple[np.ndarray, np.ndarray]:
@@ -34,7 +36,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def bundle(data):
-    return train_cvae(*data, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
+    return train_cvae(*data, NUM_CLASSES, CORRECT, FEW_EPOCHS, CPU, seed=0)
 
 
 def test_kl_equals_closed_form_gaussian_kl():
@@ -71,11 +73,11 @@ def test_early_stopping_restores_best_epoch(data):
     validation loss must rise, so training stops early and must restore the best epoch."""
     train_x, train_y, val_x, val_y = data
     wrong_labels = (val_y + 1) % NUM_CLASSES
-    config = CVAEConfig(max_epochs=200, patience=5, lr=1e-2)
-    trained = train_cvae(train_x, train_y, val_x, wrong_labels, NUM_CLASSES, config, CPU, seed=0)
+    making = CVAEMaking(max_epochs=200, cvae_patience=5, cvae_lr=1e-2)
+    trained = train_cvae(train_x, train_y, val_x, wrong_labels, NUM_CLASSES, CORRECT, making, CPU, seed=0)
     val_losses = trained.history["val_loss"]
-    assert len(val_losses) < config.max_epochs
-    assert len(val_losses) == trained.best_epoch + config.patience
+    assert len(val_losses) < making.max_epochs
+    assert len(val_losses) == trained.best_epoch + making.cvae_patience
     assert trained.best_epoch == int(np.argmin(val_losses)) + 1
     restored = evaluate_loss(trained, val_x, wrong_labels, seed=0)
     assert restored == pytest.approx(min(val_losses), rel=1e-6)
@@ -83,8 +85,8 @@ def test_early_stopping_restores_best_epoch(data):
 
 
 def test_same_seed_same_model_and_samples(data, bundle):
-    twin = train_cvae(*data, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
-    other = train_cvae(*data, NUM_CLASSES, FEW_EPOCHS, CPU, seed=1)
+    twin = train_cvae(*data, NUM_CLASSES, CORRECT, FEW_EPOCHS, CPU, seed=0)
+    other = train_cvae(*data, NUM_CLASSES, CORRECT, FEW_EPOCHS, CPU, seed=1)
     for name, weights in bundle.model.state_dict().items():
         assert torch.equal(weights, twin.model.state_dict()[name])
     assert not torch.equal(bundle.model.decoder[0].weight, other.model.decoder[0].weight)
@@ -104,7 +106,7 @@ def test_generation_copies_class_counts_and_maps_back_through_the_train_scaler(d
     mapping itself, with a constant feature (span 0) that must come back exactly at its value."""
     train_x, train_y, val_x, val_y = (array.copy() for array in data)
     train_x[:, 3], val_x[:, 3] = 2.5, 2.5
-    trained = train_cvae(train_x, train_y, val_x, val_y, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
+    trained = train_cvae(train_x, train_y, val_x, val_y, NUM_CLASSES, CORRECT, FEW_EPOCHS, CPU, seed=0)
     samples, labels = generate_offline(trained, train_y, variance=3.0, seed=0)
 
     np.testing.assert_array_equal(np.bincount(labels, minlength=NUM_CLASSES), np.bincount(train_y))
@@ -126,7 +128,8 @@ def test_samples_keep_each_class_structure():
 
     (train_x, train_y), (val_x, val_y), (held_x, held_y) = (mixture(n, seed) for n, seed in ((300, 0), (150, 1),
                                                                                            (500, 2)))
-    trained = train_cvae(train_x, train_y, val_x, val_y, NUM_CLASSES, CVAEConfig(max_epochs=30, lr=1e-2), CPU, seed=0)
+    trained = train_cvae(train_x, train_y, val_x, val_y, NUM_CLASSES, CORRECT,
+                         CVAEMaking(max_epochs=30, cvae_lr=1e-2), CPU, seed=0)
     samples, labels = generate_offline(trained, train_y, variance=1.0, seed=0)
     classifier = LogisticRegression(max_iter=1000).fit(samples, labels)
     assert classifier.score(held_x, held_y) >= 0.95
@@ -143,11 +146,11 @@ def test_offline_count_keeps_class_proportions(bundle, data):
 
 def test_checkpoint_reused_only_for_same_data_and_settings(tmp_path, data):
     train_x, train_y, val_x, val_y = data
-    first = load_or_train_cvae(tmp_path, *data, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
+    first = load_or_train_cvae(tmp_path, *data, NUM_CLASSES, CORRECT, FEW_EPOCHS, CPU, seed=0)
     (saved,) = tmp_path.glob("cvae-*.pt")
     before = saved.stat()
 
-    again = load_or_train_cvae(tmp_path, *data, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
+    again = load_or_train_cvae(tmp_path, *data, NUM_CLASSES, CORRECT, FEW_EPOCHS, CPU, seed=0)
     after = saved.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not retrained
     assert list(tmp_path.glob("cvae-*.pt")) == [saved]
@@ -161,30 +164,31 @@ def test_checkpoint_reused_only_for_same_data_and_settings(tmp_path, data):
     changed_train[0, 0] += 1
     changed_val = val_x.copy()
     changed_val[0, 0] += 1
-    load_or_train_cvae(tmp_path, changed_train, train_y, val_x, val_y, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
-    load_or_train_cvae(tmp_path, train_x, train_y, changed_val, val_y, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
-    load_or_train_cvae(tmp_path, *data, NUM_CLASSES, dataclasses.replace(FEW_EPOCHS, beta=1.0), CPU, seed=0)
-    load_or_train_cvae(tmp_path, *data, NUM_CLASSES, FEW_EPOCHS, CPU, seed=1)
+    load_or_train_cvae(tmp_path, changed_train, train_y, val_x, val_y, NUM_CLASSES, CORRECT, FEW_EPOCHS, CPU, seed=0)
+    load_or_train_cvae(tmp_path, train_x, train_y, changed_val, val_y, NUM_CLASSES, CORRECT, FEW_EPOCHS, CPU, seed=0)
+    other_beta = dataclasses.replace(FEW_EPOCHS, cvae_beta=1.0)
+    load_or_train_cvae(tmp_path, *data, NUM_CLASSES, CORRECT, other_beta, CPU, seed=0)
+    load_or_train_cvae(tmp_path, *data, NUM_CLASSES, CORRECT, FEW_EPOCHS, CPU, seed=1)
     assert len(list(tmp_path.glob("cvae-*.pt"))) == 5
     assert saved.stat().st_mtime_ns == before.st_mtime_ns
     assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_unreadable_checkpoint_is_user_error(tmp_path, data):
-    path = checkpoint_path(tmp_path, *data, NUM_CLASSES, FEW_EPOCHS, seed=0)
+    path = checkpoint_path(tmp_path, *data, NUM_CLASSES, CORRECT, FEW_EPOCHS, seed=0)
     path.write_bytes(b"truncated")
     with pytest.raises(UserError, match="delete it"):
-        load_or_train_cvae(tmp_path, *data, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
-    bundle = train_cvae(*data, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
+        load_or_train_cvae(tmp_path, *data, NUM_CLASSES, CORRECT, FEW_EPOCHS, CPU, seed=0)
+    bundle = train_cvae(*data, NUM_CLASSES, CORRECT, FEW_EPOCHS, CPU, seed=0)
     torch.save({"state_dict": bundle.model.state_dict()}, path)  # readable, but the scaler and history are lost
     with pytest.raises(UserError, match="delete it"):
-        load_or_train_cvae(tmp_path, *data, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
+        load_or_train_cvae(tmp_path, *data, NUM_CLASSES, CORRECT, FEW_EPOCHS, CPU, seed=0)
 
 
 def test_bundle_records_its_checkpoint(tmp_path, data):
-    trained = load_or_train_cvae(tmp_path, *data, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
-    loaded = load_or_train_cvae(tmp_path, *data, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
-    expected = checkpoint_path(tmp_path, *data, NUM_CLASSES, FEW_EPOCHS, seed=0)
+    trained = load_or_train_cvae(tmp_path, *data, NUM_CLASSES, CORRECT, FEW_EPOCHS, CPU, seed=0)
+    loaded = load_or_train_cvae(tmp_path, *data, NUM_CLASSES, CORRECT, FEW_EPOCHS, CPU, seed=0)
+    expected = checkpoint_path(tmp_path, *data, NUM_CLASSES, CORRECT, FEW_EPOCHS, seed=0)
     assert trained.checkpoint == loaded.checkpoint == expected and expected.is_file()
 
 
@@ -201,7 +205,7 @@ def test_online_sampler_fresh_each_epoch_with_training_label_distribution(bundle
     assert torch.equal(x0, x0_again) and torch.equal(y0, y0_again)
 
     # one more class than the training set holds: the absent class must never be drawn
-    with_absent_class = train_cvae(*data, NUM_CLASSES + 1, FEW_EPOCHS, CPU, seed=0)
+    with_absent_class = train_cvae(*data, NUM_CLASSES + 1, CORRECT, FEW_EPOCHS, CPU, seed=0)
     _, labels = OnlineSampler(with_absent_class, train_y, seed=3, device=CPU)(2)
     drawn = np.bincount(labels.numpy(), minlength=NUM_CLASSES + 1) / len(labels)
     expected = np.bincount(train_y, minlength=NUM_CLASSES + 1) / len(train_y)
@@ -212,4 +216,4 @@ def test_online_sampler_fresh_each_epoch_with_training_label_distribution(bundle
 def test_val_dimension_mismatch_is_user_error(data):
     train_x, train_y, val_x, val_y = data
     with pytest.raises(UserError, match="dimension"):
-        train_cvae(train_x, train_y, val_x[:, :8], val_y, NUM_CLASSES, FEW_EPOCHS, CPU, seed=0)
+        train_cvae(train_x, train_y, val_x[:, :8], val_y, NUM_CLASSES, CORRECT, FEW_EPOCHS, CPU, seed=0)

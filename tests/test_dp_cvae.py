@@ -15,7 +15,7 @@ import torch
 
 from cli_checks import assert_one_line_error  # tests/cli_checks.py
 from src.cli import UserError
-from src.cvae import CVAE, CVAEConfig, OnlineSampler, batch_loss, evaluate_loss, generate_offline
+from src.cvae import CVAE, OnlineSampler, batch_loss, evaluate_loss, generate_offline
 from src.io import file_fingerprint, save_database
 from src.naming import private_sidecar_path
 from src.anonymizers.cvae import CVAEMaking, CVAERelease
@@ -32,13 +32,12 @@ def mixture(num_samples: int, seed: int, dim: int = 8) -> tuple[np.ndarray, np.n
     return (4 * np.eye(NUM_CLASSES, dim)[labels] + rng.normal(size=(num_samples, dim))).astype(np.float32), labels
 
 
-def small_config(batch_size: int = 32) -> CVAEConfig:
-    return CVAEConfig(batch_size=batch_size, hidden_dim=16, latent_dim=4, lr=1e-2)
+SMALL = {"cvae_batch_size": 32, "cvae_hidden_dim": 16, "cvae_latent_dim": 4, "cvae_lr": 1e-2}  # a quick network
 
 
 def dp(epsilon: float, **making) -> tuple[CVAERelease, CVAEMaking]:
-    """A DP-CVAE's settings, its noise seeded (reproducible tests) unless `making` says otherwise."""
-    return CVAERelease(dp_epsilon=epsilon), CVAEMaking(**{"dp_seeded_noise_not_private": True, **making})
+    """A small DP-CVAE's settings, its noise seeded (reproducible tests) unless `making` says otherwise."""
+    return CVAERelease(dp_epsilon=epsilon), CVAEMaking(**{**SMALL, "dp_seeded_noise_not_private": True, **making})
 
 
 @pytest.mark.parametrize("num_samples, batch_size, epochs", [(60, 16, 3), (200, 64, 2), (1078, 512, 5)])
@@ -47,7 +46,7 @@ def test_spent_epsilon_within_target_by_an_independent_accountant(num_samples, b
     DP-SGD parameters, plus the histogram's pure epsilon (basic composition) must stay within the target."""
     accountants = pytest.importorskip("opacus.accountants")
     x, y = mixture(num_samples, seed=0)
-    _, accounting = train_cvae_dp(x, y, NUM_CLASSES, small_config(batch_size), *dp(2.0, dp_epochs=epochs), CPU, 0)
+    _, accounting = train_cvae_dp(x, y, NUM_CLASSES, *dp(2.0, dp_epochs=epochs, cvae_batch_size=batch_size), CPU, 0)
 
     laplace, sgd = accounting["mechanisms"]
     assert laplace == {"mechanism": "laplace", "epsilon": pytest.approx(0.2)}
@@ -62,44 +61,47 @@ def test_spent_epsilon_within_target_by_an_independent_accountant(num_samples, b
     assert accounting["relation"].startswith("add/remove one record")
 
 
-def per_record_clipped_sum(model: CVAE, x, onehot, noise, config, max_grad_norm) -> tuple[list, list[float]]:
+def per_record_clipped_sum(model: CVAE, x, onehot, noise, release, making) -> tuple[list, list[float]]:
     """The oracle: each record's gradient by autograd alone, clipped to the norm, then summed."""
     parameters = list(model.parameters())
     total = [torch.zeros_like(parameter) for parameter in parameters]
     norms = []
     for i in range(len(x)):
         rows = slice(i, i + 1)
-        grads = torch.autograd.grad(batch_loss(model, x[rows], onehot[rows], noise[rows], config), parameters)
+        grads = torch.autograd.grad(batch_loss(model, x[rows], onehot[rows], noise[rows], release, making),
+                                    parameters)
         norm = torch.sqrt(sum(grad.pow(2).sum() for grad in grads))
         norms.append(norm.item())
         for accumulated, grad in zip(total, grads):
-            accumulated += grad * min(1.0, max_grad_norm / (norm.item() + 1e-6))
+            accumulated += grad * min(1.0, making.max_grad_norm / (norm.item() + 1e-6))
     return total, norms
 
 
 def test_clipped_gradient_sum_equals_per_record_clipping():
     torch.manual_seed(0)
-    config = small_config()
-    model = CVAE(6, NUM_CLASSES, config.hidden_dim, config.latent_dim).double()
+    release, unclipped = dp(1.0, max_grad_norm=1e12)  # no record reaches the norm
+    model = CVAE(6, NUM_CLASSES, unclipped.cvae_hidden_dim, unclipped.cvae_latent_dim).double()
     generator = torch.Generator().manual_seed(1)
     x = torch.rand(7, 6, generator=generator, dtype=torch.float64)
     x[0] *= 0  # a record far from the others, with a larger gradient
     onehot = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2, 0]), NUM_CLASSES).double()
-    noise = torch.randn(7, config.latent_dim, generator=generator, dtype=torch.float64)
-    _, norms = per_record_clipped_sum(model, x, onehot, noise, config, math.inf)
+    noise = torch.randn(7, unclipped.cvae_latent_dim, generator=generator, dtype=torch.float64)
+    _, norms = per_record_clipped_sum(model, x, onehot, noise, release, unclipped)
     max_grad_norm = float(np.median(norms))  # some records are clipped, some are not
-    expected, _ = per_record_clipped_sum(model, x, onehot, noise, config, max_grad_norm)
+    _, making = dp(1.0, max_grad_norm=max_grad_norm)
+    expected, _ = per_record_clipped_sum(model, x, onehot, noise, release, making)
 
-    sums = clipped_gradient_sum(model, x, onehot, noise, config, max_grad_norm)
+    sums = clipped_gradient_sum(model, x, onehot, noise, release, making)
     for parameter, oracle in zip(model.parameters(), expected):
         torch.testing.assert_close(sums[parameter], oracle)
     assert min(norms) < max_grad_norm < max(norms)
 
 
 def test_empty_poisson_batch_gives_zero_gradient_sums():
-    config = small_config()
-    model = CVAE(6, NUM_CLASSES, config.hidden_dim, config.latent_dim)
-    sums = clipped_gradient_sum(model, torch.zeros(0, 6), torch.zeros(0, NUM_CLASSES), torch.zeros(0, 4), config, 1.0)
+    release, making = dp(1.0, max_grad_norm=1.0)
+    model = CVAE(6, NUM_CLASSES, making.cvae_hidden_dim, making.cvae_latent_dim)
+    empty = torch.zeros(0, 6), torch.zeros(0, NUM_CLASSES), torch.zeros(0, making.cvae_latent_dim)
+    sums = clipped_gradient_sum(model, *empty, release, making)
     for parameter in model.parameters():
         assert torch.equal(sums[parameter], torch.zeros_like(parameter))
 
@@ -112,7 +114,7 @@ def test_scaler_and_class_counts_ignore_a_records_extreme_value():
     changed[np.argmax(x[:, 0]), 0] = 1e6
     settings = dp(4.0, dp_epochs=1, dp_bounds=(-3.0, 7.0))
     (bundle, accounting), (other, other_accounting) = (
-        train_cvae_dp(data, y, NUM_CLASSES, small_config(), *settings, CPU, seed=0) for data in (x, changed))
+        train_cvae_dp(data, y, NUM_CLASSES, *settings, CPU, seed=0) for data in (x, changed))
     for scaler in (bundle.scaler, other.scaler):
         assert torch.equal(scaler.minimum, torch.full((8,), -3.0)) and torch.equal(scaler.span, torch.full((8,), 10.0))
     assert accounting == other_accounting
@@ -145,7 +147,7 @@ def test_default_delta_stays_below_a_tenth_of_one_over_n():
 def test_seeded_runs_are_reproducible_on_cpu():
     pytest.importorskip("opacus")
     x, y = mixture(120, seed=3)
-    runs = [train_cvae_dp(x, y, NUM_CLASSES, small_config(), *dp(1.0, dp_epochs=2), CPU, seed=seed)
+    runs = [train_cvae_dp(x, y, NUM_CLASSES, *dp(1.0, dp_epochs=2), CPU, seed=seed)
             for seed in (5, 5, 6)]
     (first, first_accounting), (second, second_accounting), (other, _) = runs
     assert first_accounting == second_accounting and "NOT PRIVATE" in first_accounting["noise"]
@@ -159,7 +161,7 @@ def test_noise_is_secret_by_default():
     pytest.importorskip("opacus")
     x, y = mixture(120, seed=3)
     settings = dp(1.0, dp_epochs=1, dp_seeded_noise_not_private=False)
-    (first, accounting), (second, _) = (train_cvae_dp(x, y, NUM_CLASSES, small_config(), *settings, CPU, 5)
+    (first, accounting), (second, _) = (train_cvae_dp(x, y, NUM_CLASSES, *settings, CPU, 5)
                                         for _ in range(2))
     assert not torch.equal(first.model.decoder[0].weight, second.model.decoder[0].weight)
     assert accounting["noise"].startswith("secret")
@@ -170,13 +172,13 @@ def test_a_non_finite_record_is_refused_before_training():
     x, y = mixture(60, seed=0)
     x[7, 2] = np.nan
     with pytest.raises(UserError, match="NaN or infinite"):
-        train_cvae_dp(x, y, NUM_CLASSES, small_config(), *dp(1.0), CPU, 0)
+        train_cvae_dp(x, y, NUM_CLASSES, *dp(1.0), CPU, 0)
 
 
 def test_bundle_generates_with_the_released_class_counts():
     pytest.importorskip("opacus")
     x, y = mixture(90, seed=4)
-    bundle, accounting = train_cvae_dp(x, y, NUM_CLASSES, small_config(), *dp(8.0, dp_epochs=2), CPU, 0)
+    bundle, accounting = train_cvae_dp(x, y, NUM_CLASSES, *dp(8.0, dp_epochs=2), CPU, 0)
     labels = released_labels(np.array(accounting["class_counts"]))
     vectors, generated = generate_offline(bundle, labels, variance=1.0, seed=0)
     assert np.bincount(generated, minlength=NUM_CLASSES).tolist() == accounting["class_counts"]
@@ -190,9 +192,8 @@ def test_training_at_a_generous_budget_lowers_the_loss():
     """Utility sanity: at epsilon = 8 thirty epochs of DP training reconstruct better than one."""
     pytest.importorskip("opacus")
     x, y = mixture(400, seed=5)
-    config = small_config(64)
-    untrained, _ = train_cvae_dp(x, y, NUM_CLASSES, config, *dp(8.0, dp_epochs=1), CPU, 0)
-    trained, _ = train_cvae_dp(x, y, NUM_CLASSES, config, *dp(8.0, dp_epochs=30), CPU, 0)
+    untrained, _ = train_cvae_dp(x, y, NUM_CLASSES, *dp(8.0, dp_epochs=1, cvae_batch_size=64), CPU, 0)
+    trained, _ = train_cvae_dp(x, y, NUM_CLASSES, *dp(8.0, dp_epochs=30, cvae_batch_size=64), CPU, 0)
     assert evaluate_loss(trained, x, y, seed=0) < 0.8 * evaluate_loss(untrained, x, y, seed=0)
 
 
@@ -214,15 +215,12 @@ def test_delta_of_one_over_n_or_more_is_a_user_error():
     pytest.importorskip("opacus")
     x, y = mixture(50, seed=0)
     with pytest.raises(UserError, match="--dp_delta"):
-        train_cvae_dp(x, y, NUM_CLASSES, small_config(), *dp(1.0, dp_delta=0.02), CPU, 0)
+        train_cvae_dp(x, y, NUM_CLASSES, *dp(1.0, dp_delta=0.02), CPU, 0)
 
 
 def test_reference_objective_is_a_user_error():
-    pytest.importorskip("opacus")
-    x, y = mixture(50, seed=0)
-    config = CVAEConfig(reference_objective=True)
     with pytest.raises(UserError, match="--reference_objective"):
-        train_cvae_dp(x, y, NUM_CLASSES, config, *dp(1.0), CPU, 0)
+        CVAERelease(dp_epsilon=1.0, reference_objective=True)
 
 
 def test_budget_too_small_for_one_step_is_a_user_error():
@@ -230,14 +228,14 @@ def test_budget_too_small_for_one_step_is_a_user_error():
     pytest.importorskip("opacus")
     x, y = mixture(50, seed=0)
     with pytest.raises(UserError, match="--dp_epsilon"):
-        train_cvae_dp(x, y, NUM_CLASSES, small_config(64), *dp(1e-9, dp_delta=1e-9, dp_epochs=1), CPU, 0)
+        train_cvae_dp(x, y, NUM_CLASSES, *dp(1e-9, dp_delta=1e-9, dp_epochs=1, cvae_batch_size=64), CPU, 0)
 
 
 def test_missing_opacus_is_a_user_error_saying_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "opacus", None)  # what `import opacus` sees when it is not installed
     x, y = mixture(50, seed=0)
     with pytest.raises(UserError, match="pip install opacus"):
-        train_cvae_dp(x, y, NUM_CLASSES, small_config(), *dp(1.0), CPU, 0)
+        train_cvae_dp(x, y, NUM_CLASSES, *dp(1.0), CPU, 0)
 
 
 @pytest.mark.slow

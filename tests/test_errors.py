@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from src.anonymizers.cvae import CVAEMaking, CVAERelease
 from src.cli import ArgumentParser, UserError, brief_reason, check_finite, check_seed, user_message
 from src.data import load_split
-from src.cvae import CVAE, CVAEConfig, checkpoint_path, load_or_train_cvae, train_cvae
+from src.cvae import CVAE, checkpoint_path, load_or_train_cvae, train_cvae
 from src.io import atomic_path, check_output_folder, load_database, remove_dead_temporaries, save_database, write_json
 from src.probe import probe_checkpoint_path, train_probe
 from src.settings import ProbeTraining
@@ -29,6 +31,7 @@ from cli_checks import assert_one_line_error  # tests/cli_checks.py
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
+TINY_CVAE = CVAEMaking(max_epochs=3, cvae_hidden_dim=8, cvae_latent_dim=2)
 
 
 def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -270,20 +273,19 @@ def test_probe_checkpoint_of_an_untrained_probe_is_refused(tmp_path):
 def test_cvae_that_never_reaches_a_finite_loss_is_an_error(tmp_path):
     x, y = blobs(40, 0)
     with pytest.raises(UserError, match="CVAE validation loss was never finite"):
-        train_cvae(x, y, x, y, 2, CVAEConfig(lr=float("inf"), max_epochs=3, hidden_dim=8, latent_dim=2), CPU, 0)
+        train_cvae(x, y, x, y, 2, CVAERelease(), replace(TINY_CVAE, cvae_lr=1e30), CPU, 0)  # Adam steps of 1e30
 
 
 @pytest.mark.parametrize("best_loss", [float("nan"), float("-inf")])
 def test_cvae_checkpoint_with_a_non_finite_best_loss_is_refused(tmp_path, best_loss):
     x, y = blobs(40, 0)
-    config = CVAEConfig(max_epochs=2, hidden_dim=8, latent_dim=2)
-    path = checkpoint_path(tmp_path, x, y, x, y, 2, config, 0)
+    path = checkpoint_path(tmp_path, x, y, x, y, 2, CVAERelease(), TINY_CVAE, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": CVAE(4, 2, 8, 2).state_dict(), "scaler_minimum": torch.zeros(4),
                 "scaler_span": torch.ones(4), "history": {"train_loss": [1.0], "val_loss": [best_loss]},
                 "best_epoch": 1}, path)
     with pytest.raises(UserError, match="never finite; delete it to retrain"):
-        load_or_train_cvae(tmp_path, x, y, x, y, 2, config, CPU, 0)
+        load_or_train_cvae(tmp_path, x, y, x, y, 2, CVAERelease(), TINY_CVAE, CPU, 0)
 
 
 @pytest.mark.slow

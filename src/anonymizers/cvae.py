@@ -31,8 +31,15 @@ class CVAERelease:
 
 @dataclass(frozen=True)
 class CVAEMaking:
+    # The reference's hyperparameters; the library (src.cvae, src.dp_cvae) reads them from here.
     max_epochs: int = option(1000, "CVAE epoch limit (early stopping on val usually ends sooner)",
                              flags=("--max_epochs", "--cvae_max_epochs"), minimum=1)
+    cvae_lr: float = option(1e-3, "CVAE: Adam learning rate", above=0)
+    cvae_batch_size: int = option(512, "CVAE: batch size (DP: the expected batch of Poisson sampling)", minimum=1)
+    cvae_patience: int = option(15, "CVAE: epochs without a better val loss before early stopping", minimum=1)
+    cvae_beta: float = option(0.1, "CVAE: weight of the KL term in the loss", minimum=0)
+    cvae_hidden_dim: int = option(256, "CVAE: width of the encoder's and decoder's hidden layer", minimum=1)
+    cvae_latent_dim: int = option(50, "CVAE: dimension of the latent z", minimum=1)
     dp_delta: float | None = option(None, "DP delta (default: 1 / (10 N+) rounded down to a power of ten, N+ a high "
                                     "bound on N from the noisy class counts)", kind=float, above=0, maximum=0.1)
     max_grad_norm: float = option(1.0, "DP: per-record gradient clipping norm C", above=0)
@@ -88,12 +95,11 @@ class CVAEAnonymizer(Anonymizer):
         what the release records about its training. Non-DP: the checkpoint if there is one, else
         trained (early stopping on val) and saved. DP: trained with DP-SGD, generation copying its
         privately released class counts, never the training labels."""
-        from src.cvae import CVAEConfig, evaluate_loss, load_or_train_cvae
+        from src.cvae import evaluate_loss, load_or_train_cvae
 
-        config = CVAEConfig(max_epochs=making.max_epochs, reference_objective=release.reference_objective)
         if release.dp_epsilon is None:
             bundle = load_or_train_cvae(inputs.checkpoint_dir, inputs.train_x, inputs.train_y, inputs.val_x,
-                                        inputs.val_y, inputs.num_classes, config, device, seed)
+                                        inputs.val_y, inputs.num_classes, release, making, device, seed)
             return bundle, inputs.train_y, {"checkpoint": str(bundle.checkpoint), "best_epoch": bundle.best_epoch,
                                             "epochs_run": len(bundle.history["val_loss"])}
         from src.dp_cvae import released_labels, train_cvae_dp
@@ -101,8 +107,8 @@ class CVAEAnonymizer(Anonymizer):
         if not inputs.classes_declared:  # the labels' largest value would leak a rare class's presence
             raise UserError("a DP release needs the dataset's declared classes, which this training database "
                             "does not record; recreate it with create_db.py")
-        bundle, accounting = train_cvae_dp(inputs.train_x, inputs.train_y, inputs.num_classes, config, release,
-                                           making, device, seed)
+        bundle, accounting = train_cvae_dp(inputs.train_x, inputs.train_y, inputs.num_classes, release, making,
+                                           device, seed)
         # the val split only after training, for the maker's eyes: outside the mechanism, so never released
         val_loss = evaluate_loss(bundle, inputs.val_x.clip(*making.dp_bounds), inputs.val_y, seed)
         return bundle, released_labels(accounting["class_counts"]), {"dp": accounting,
