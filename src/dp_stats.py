@@ -24,24 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from src.anonymizers.dp_gaussian import GaussMaking
 from src.cli import UserError
 from src.ledger import ADJACENCY, gaussian_noise_multiplier, spent_epsilon
 
 STATISTICS = ("counts", "centre", "sums", "scatter")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How the statistics are made private: (epsilon, delta), the public clipping radii, the budget's
-    shares (counts, centre, sums, scatter), and whether the noise is seeded (not private: tests only)."""
-
-    epsilon: float
-    delta: float
-    center_clip: float
-    mean_clip: float
-    residual_clip: float
-    shares: tuple[float, float, float, float]
-    seeded_noise: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,17 +60,19 @@ class NoisyStatistics:
         return (vectors * np.maximum(values, floor)) @ vectors.T
 
 
-def statistics_of(x: np.ndarray, y: np.ndarray, num_classes: int, budget: Budget | None,
+def statistics_of(x: np.ndarray, y: np.ndarray, num_classes: int, epsilon: float | None, making: GaussMaking,
                   seed: int) -> NoisyStatistics:
-    """The exact statistics (budget None) or the noisy ones; non-finite or too few records are user errors."""
+    """The exact statistics (epsilon None) or the noisy ones at (epsilon, making.dpg_delta), with making's
+    public clipping radii and shares; non-finite or too few records are user errors."""
     if not np.isfinite(x).all():
         raise UserError("the train embeddings hold non-finite values (NaN or inf); recreate them with create_db.py")
-    if budget is None:
+    if epsilon is None:
         return exact_statistics(x, y, num_classes)
-    if budget.delta >= 1 / len(x):
-        raise UserError(f"DP delta {budget.delta:g} must be below 1/N for N = {len(x)} training records, "
+    if making.dpg_delta >= 1 / len(x):
+        raise UserError(f"DP delta {making.dpg_delta:g} must be below 1/N for N = {len(x)} training records, "
                         "or a single record could be released; give a smaller delta")
-    return noisy_statistics(x, y, num_classes, budget, noise_rng(seed if budget.seeded_noise else None))
+    rng = noise_rng(seed if making.dpg_seeded_noise_not_private else None)
+    return noisy_statistics(x, y, num_classes, epsilon, making, rng)
 
 
 def clip_rows(x: np.ndarray, radius: float) -> np.ndarray:
@@ -132,19 +121,18 @@ def exact_statistics(x: np.ndarray, y: np.ndarray, num_classes: int) -> NoisySta
     return NoisyStatistics(counts, means, residuals.T @ residuals)
 
 
-def noisy_statistics(x: np.ndarray, y: np.ndarray, num_classes: int, budget: Budget,
+def noisy_statistics(x: np.ndarray, y: np.ndarray, num_classes: int, epsilon: float, making: GaussMaking,
                      rng: np.random.Generator) -> NoisyStatistics:
-    """The two rounds of the module docstring, with their accounting."""
-    shares = dict(zip(STATISTICS, budget.shares))
-    if not all(share > 0 for share in shares.values()) or not math.isclose(sum(shares.values()), 1.0):
-        raise ValueError(f"shares {shares} must give each statistic a positive part, summing to 1")
-    epsilon, delta, mean_clip, residual_clip = budget.epsilon, budget.delta, budget.mean_clip, budget.residual_clip
+    """The rounds of the module docstring at (epsilon, making.dpg_delta), with their accounting
+    (GaussMaking has checked the shares: four, positive, summing to 1)."""
+    shares = dict(zip(STATISTICS, making.dpg_shares))
+    delta, center_clip = making.dpg_delta, making.dpg_center_clip
+    mean_clip, residual_clip = making.dpg_mean_clip, making.dpg_residual_clip
     x = np.asarray(x, dtype=np.float64)
     z = noise_multipliers(epsilon, delta, shares)
     onehot = np.eye(num_classes)[y]
     counts = onehot.sum(axis=0) + rng.normal(0.0, z["counts"], num_classes)
-    total = clip_rows(x, budget.center_clip).sum(axis=0) + rng.normal(0.0, z["centre"] * budget.center_clip,
-                                                                      x.shape[1])
+    total = clip_rows(x, center_clip).sum(axis=0) + rng.normal(0.0, z["centre"] * center_clip, x.shape[1])
     centre = total / max(float(counts.sum()), 1.0)
     sums = (class_sums(x - centre, onehot, mean_clip)
             + rng.normal(0.0, z["sums"] * mean_clip, (num_classes, x.shape[1])))
@@ -155,6 +143,6 @@ def noisy_statistics(x: np.ndarray, y: np.ndarray, num_classes: int, budget: Bud
     dp = {"relation": ADJACENCY, "mechanisms": mechanisms, "target_epsilon": epsilon,
           "spent_epsilon": spent_epsilon(mechanisms, delta), "delta": delta,
           "statistics": {name: {"noise_multiplier": z[name], "share": shares[name]} for name in STATISTICS},
-          "center_clip": budget.center_clip, "mean_clip": mean_clip, "residual_clip": residual_clip,
-          "seeded_noise_not_private": budget.seeded_noise}
+          "center_clip": center_clip, "mean_clip": mean_clip, "residual_clip": residual_clip,
+          "seeded_noise_not_private": making.dpg_seeded_noise_not_private}
     return NoisyStatistics(counts, means, scatter, scatter_std, dp)

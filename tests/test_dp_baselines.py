@@ -19,14 +19,19 @@ import pytest
 from src.anonymizers.dp_gaussian import GaussAnonymizer, GaussMaking, GaussRelease, sample_gaussians
 from src.anonymizers.dp_probe import least_squares
 from src.anonymizers.base import ReleaseInputs
-from src.dp_stats import (Budget, class_sums, clip_rows, exact_statistics, noisy_statistics, residual_scatter,
-                          statistics_of)
+from src.dp_stats import class_sums, clip_rows, exact_statistics, noisy_statistics, residual_scatter, statistics_of
 from src.io import load_database, save_database
 
 pytest.importorskip("opacus")
 from test_ledger import exact_gaussian_delta  # noqa: E402 (the ledger's own oracle)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def radii(center: float, mean: float, residual: float, **making) -> GaussMaking:
+    """The DP Gaussian's settings with these clipping radii, at delta 1e-5 and the default shares."""
+    return GaussMaking(dpg_center_clip=center, dpg_mean_clip=mean, dpg_residual_clip=residual,
+                       **{"dpg_delta": 1e-5, **making})
 
 
 def mixture(n_per_class: int, dim: int, classes: int, seed: int, sample_seed: int = 0, spread: float = 3.0):
@@ -43,8 +48,7 @@ def mixture(n_per_class: int, dim: int, classes: int, seed: int, sample_seed: in
 @pytest.mark.parametrize("epsilon", [0.5, 1.0, 8.0])
 def test_accounting_is_the_exact_gaussian_mechanism_at_the_target(epsilon):
     x, y, _, _ = mixture(50, 4, 3, seed=0)
-    budget = Budget(epsilon, 1e-5, 20.0, 10.0, 5.0, (0.05, 0.05, 0.3, 0.6))
-    dp = noisy_statistics(x, y, 3, budget, np.random.default_rng(0)).dp
+    dp = noisy_statistics(x, y, 3, epsilon, radii(20.0, 10.0, 5.0), np.random.default_rng(0)).dp
     z = 1 / math.sqrt(sum(1 / m["noise_multiplier"] ** 2 for m in dp["mechanisms"]))
     assert dp["spent_epsilon"] <= epsilon * (1 + 1e-9) and dp["delta"] == 1e-5
     assert exact_gaussian_delta(dp["spent_epsilon"], z) <= 1e-5  # the guarantee holds
@@ -78,18 +82,19 @@ def test_each_statistic_moves_at_most_its_sensitivity_when_one_record_is_added()
 
 def test_noise_is_secret_unless_seeded_and_non_finite_input_is_refused():
     x, y, _, _ = mixture(30, 3, 2, seed=3)
-    secret = Budget(1.0, 1e-5, 20.0, 10.0, 5.0, (0.05, 0.05, 0.3, 0.6))
-    first, second = (statistics_of(x, y, 2, secret, seed=0).means for _ in range(2))
+    secret = radii(20.0, 10.0, 5.0)
+    first, second = (statistics_of(x, y, 2, 1.0, secret, seed=0).means for _ in range(2))
     assert not np.array_equal(first, second)  # same --seed, fresh noise
-    seeded = Budget(1.0, 1e-5, 20.0, 10.0, 5.0, (0.05, 0.05, 0.3, 0.6), seeded_noise=True)
-    np.testing.assert_array_equal(statistics_of(x, y, 2, seeded, 0).means, statistics_of(x, y, 2, seeded, 0).means)
+    seeded = radii(20.0, 10.0, 5.0, dpg_seeded_noise_not_private=True)
+    np.testing.assert_array_equal(statistics_of(x, y, 2, 1.0, seeded, 0).means,
+                                  statistics_of(x, y, 2, 1.0, seeded, 0).means)
     bad = x.copy()
     bad[3, 1] = np.nan
     from src.cli import UserError
     with pytest.raises(UserError, match="non-finite"):
-        statistics_of(bad, y, 2, secret, 0)
+        statistics_of(bad, y, 2, 1.0, secret, 0)
     with pytest.raises(UserError, match="below 1/N"):
-        statistics_of(x, y, 2, Budget(1.0, 0.1, 20.0, 10.0, 5.0, (0.05, 0.05, 0.3, 0.6)), 0)
+        statistics_of(x, y, 2, 1.0, radii(20.0, 10.0, 5.0, dpg_delta=0.1), 0)
 
 
 def test_exact_release_matches_the_mixture_and_dp_noise_shrinks_with_epsilon():
@@ -105,8 +110,8 @@ def test_exact_release_matches_the_mixture_and_dp_noise_shrinks_with_epsilon():
     clip = float(np.linalg.norm(x, axis=1).max())  # nothing clipped: the error is the noise alone
     errors = []
     for epsilon in (0.5, 8.0):
-        budget = Budget(epsilon, 1e-5, clip, 2 * clip, clip, (0.05, 0.05, 0.3, 0.6), seeded_noise=True)
-        noisy = [noisy_statistics(x, y, 3, budget, np.random.default_rng(seed)) for seed in range(5)]
+        noisy = [noisy_statistics(x, y, 3, epsilon, radii(clip, 2 * clip, clip), np.random.default_rng(seed))
+                 for seed in range(5)]
         errors.append(np.mean([np.abs(stats.means - exact.means).max() for stats in noisy]))
     assert errors[1] < errors[0] / 4  # the noise's std scales as 1 / epsilon
 
@@ -125,13 +130,11 @@ def test_dp_probe_and_release_classify_a_mixture_at_epsilon_1():
     x, y, _, _ = mixture(1000, 8, 4, seed=6)
     test_x, test_y, _, _ = mixture(250, 8, 4, seed=6, sample_seed=1)  # same model, held-out records
     clip = 30.0
-    budget = Budget(1.0, 1e-5, clip, clip, 10.0, (0.05, 0.05, 0.3, 0.6), seeded_noise=True)
-    stats = noisy_statistics(x, y, 4, budget, np.random.default_rng(1))
+    stats = noisy_statistics(x, y, 4, 1.0, radii(clip, clip, 10.0), np.random.default_rng(1))
     weight, bias = least_squares(stats.means, stats.covariance(), stats.class_sizes(), ridge=0.1)
     assert np.mean((test_x @ weight + bias).argmax(axis=1) == test_y) > 0.95
     inputs = ReleaseInputs(x.astype(np.float32), y, x[:0], y[:0], 4, Path("."))
-    making = GaussMaking(dpg_center_clip=clip, dpg_mean_clip=clip, dpg_residual_clip=10.0,
-                         dpg_seeded_noise_not_private=True)
+    making = radii(clip, clip, 10.0, dpg_seeded_noise_not_private=True)
     release = GaussAnonymizer().make(inputs, GaussRelease(dpg_epsilon=1.0), making, seed=0, device="cpu")
     assert abs(len(release.labels) - len(y)) < 200 and release.details["dp"]["target_epsilon"] == 1.0
     released = exact_statistics(release.embeddings, release.labels, 4)

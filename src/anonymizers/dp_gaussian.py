@@ -66,12 +66,9 @@ class GaussAnonymizer(Anonymizer):
 
     def make(self, inputs: ReleaseInputs, release: GaussRelease, making: GaussMaking, seed: int,
              device: Any) -> Release:
-        from src.dp_stats import Budget, statistics_of
+        from src.dp_stats import statistics_of
 
-        budget = None if release.dpg_epsilon is None else Budget(
-            release.dpg_epsilon, making.dpg_delta, making.dpg_center_clip, making.dpg_mean_clip,
-            making.dpg_residual_clip, making.dpg_shares, making.dpg_seeded_noise_not_private)
-        stats = statistics_of(inputs.train_x, inputs.train_y, inputs.num_classes, budget, seed)
+        stats = statistics_of(inputs.train_x, inputs.train_y, inputs.num_classes, release.dpg_epsilon, making, seed)
         embeddings, labels = sample_gaussians(stats.means, stats.covariance(), stats.class_sizes(),
                                               np.random.default_rng(seed))
         return Release(embeddings.astype(np.float32), labels, {"dp": stats.dp} if stats.dp else {})

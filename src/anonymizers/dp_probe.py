@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 
 from src.anonymizers.base import Anonymizer
-from src.anonymizers.dp_gaussian import (DEFAULT_CENTER_CLIP, DEFAULT_DELTA, DEFAULT_MEAN_CLIP,
-                                         DEFAULT_RESIDUAL_CLIP, DEFAULT_SHARES)
+from src.anonymizers.dp_gaussian import GaussMaking
 from src.options import check_options, option
 
 # Public settings, the DP Gaussian's defaults and a ridge, all chosen on the digits (docs/dp-baselines.md);
@@ -48,12 +47,9 @@ class DPProbe(Anonymizer):
     def fit_probe(self, train_x: np.ndarray, train_y: np.ndarray, num_classes: int, release: DPProbeRelease,
                   seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
         """Weights D x C and bias C of the least-squares probe, and its accounting (empty when exact)."""
-        from src.dp_stats import Budget, statistics_of
+        from src.dp_stats import statistics_of
 
-        budget = None if release.dpp_epsilon is None else Budget(
-            release.dpp_epsilon, DEFAULT_DELTA, DEFAULT_CENTER_CLIP, DEFAULT_MEAN_CLIP, DEFAULT_RESIDUAL_CLIP,
-            DEFAULT_SHARES)
-        stats = statistics_of(train_x, train_y, num_classes, budget, seed)
+        stats = statistics_of(train_x, train_y, num_classes, release.dpp_epsilon, GaussMaking(), seed)
         weight, bias = least_squares(stats.means, stats.covariance(), stats.class_sizes(), RIDGE)
         return weight, bias, {"dp": stats.dp} if stats.dp else {}
 
