@@ -176,6 +176,14 @@ def check_value(label: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+class Settings:
+    """Base of every settings dataclass: its options are checked by `check_options` when it is made.
+    A subclass with checks of its own overrides `__post_init__` and calls this one."""
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
 def check_options(settings: Any) -> None:
     """Every option of `settings` checked by `check_value`, named by its flag."""
     for f in option_fields(type(settings)):

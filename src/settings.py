@@ -15,7 +15,7 @@ from typing import Any
 from src.anonymizers import ANONYMIZERS, get_anonymizer
 from src.defaults import DEFAULT_ROOTS, PAPER_BACKBONE
 from src.cli import SEED_LIMIT, UserError
-from src.options import check_options, option
+from src.options import Settings, option
 
 NOISE_UNITS = ("released", "real")  # test noise in the released set's z-units (the reference) or the real train's
 # Device names every stage and the sweep accept: torch resolves them (src.runtime.resolve_device).
@@ -31,7 +31,7 @@ def nested(factory: type | None = None) -> Any:
 
 
 @dataclass(frozen=True)
-class StageSettings:
+class StageSettings(Settings):
     """What every stage after create_db reads: which databases, seed, device and folders."""
 
     dataset: str = option(None, "registry name, e.g. breastmnist, digits, imagefolder:PATH", kind=str, required=True)
@@ -45,11 +45,11 @@ class StageSettings:
     def __post_init__(self) -> None:
         if not self.dataset:
             raise UserError("--dataset is empty; name a dataset")
-        check_options(self)
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
-class CreateDbSettings:
+class CreateDbSettings(Settings):
     dataset: str = option(None, "registry name, e.g. breastmnist, digits, imagefolder:PATH", kind=str, required=True)
     backbone: str = option(PAPER_BACKBONE, "any timm model name")
     weights: Path | None = option(None, ".safetensors or .pth state dict (offline)", kind=Path)
@@ -67,7 +67,7 @@ class CreateDbSettings:
     download: bool = option(False, "fetch missing data where the source allows", changes_results=False)
 
     def __post_init__(self) -> None:
-        check_options(self)
+        super().__post_init__()
         if self.weights is not None and not Path(self.weights).is_file():
             raise UserError(f"--weights {self.weights} does not exist; give a .safetensors or .pth state dict")
 
@@ -85,7 +85,7 @@ class AnonymizeSettings(StageSettings):
 
 
 @dataclass(frozen=True)
-class ProbeTraining:
+class ProbeTraining(Settings):
     """How the linear probe trains (src.probe.train_probe takes this): the reference's -l, -e and -b. Its
     fixed hyperparameters (no weight decay, the plateau and early-stopping patience) live in src.probe."""
 
@@ -93,9 +93,6 @@ class ProbeTraining:
     epochs: int = option(100, "maximum probe epochs (early stopping may end sooner)", flags=("-e", "--epochs"),
                         minimum=1)
     batch_size: int = option(128, "probe batch size", flags=("-b", "--batch_size"), minimum=1)
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
 
 @dataclass(frozen=True)

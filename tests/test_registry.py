@@ -126,7 +126,8 @@ def test_recorded_settings_are_the_settings_fields(script):
                 "probing_noise_cvae.py": {"dataset", "backbone", "seed", "device", "database_root", "ckpt_root",
                                           "output_root", "lr", "epochs", "batch_size", "anonymizer", "sigma",
                                           "noise_units", "variance", "reference_objective", "dp_epsilon",
-                                          "max_epochs", "dp_delta", "max_grad_norm", "dp_epochs", "dp_bounds",
+                                          "max_epochs", "cvae_lr", "cvae_batch_size", "cvae_patience", "cvae_beta",
+                                          "cvae_hidden_dim", "cvae_latent_dim", "dp_delta", "max_grad_norm", "dp_epochs", "dp_bounds",
                                           "dp_count_share", "dp_seeded_noise_not_private", "online_factor"}}[script]
     assert set(record) == expected
     json.dumps(record)  # records are plain JSON
@@ -172,15 +173,12 @@ from typing import Any
 import numpy as np
 
 from src.anonymizers.base import Anonymizer, Release, ReleaseInputs
-from src.options import check_options, option
+from src.options import Settings, option
 
 
 @dataclass(frozen=True)
-class NoiseRelease:
+class NoiseRelease(Settings):
     k: int = option(1, "std of the added noise", minimum=1)
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
 
 class GaussianNoise(Anonymizer):

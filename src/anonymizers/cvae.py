@@ -10,12 +10,12 @@ from typing import Any
 from src.anonymizers.base import PRIVATE, Anonymizer, Release, ReleaseInputs
 from src.cli import UserError
 from src.defaults import ONLINE_FACTOR, SAMPLING_VARIANCE
-from src.options import check_options, option
+from src.options import Settings, option
 
 
 
 @dataclass(frozen=True)
-class CVAERelease:
+class CVAERelease(Settings):
     variance: float = option(SAMPLING_VARIANCE, "sampling scale: z = variance * N(0, I), as the reference "
                              "(it scales the std); named in the release when not 1", above=0)
     reference_objective: bool = option(False, "train with the reference's (incorrect) reparameterisation and KL")
@@ -23,14 +23,14 @@ class CVAERelease:
                                       kind=float, above=0)
 
     def __post_init__(self) -> None:
-        check_options(self)
+        super().__post_init__()
         if self.dp_epsilon is not None and self.reference_objective:
             raise UserError("--reference_objective cannot be combined with --dp_epsilon: DP training uses the "
                             "correct ELBO only; drop one of the two flags")
 
 
 @dataclass(frozen=True)
-class CVAEMaking:
+class CVAEMaking(Settings):
     # The reference's hyperparameters; the library (src.cvae, src.dp_cvae) reads them from here.
     max_epochs: int = option(1000, "CVAE epoch limit (early stopping on val usually ends sooner)",
                              flags=("--max_epochs", "--cvae_max_epochs"), minimum=1)
@@ -57,18 +57,15 @@ class CVAEMaking:
                                                "runs; anyone who knows the seed can undo it, so NOT PRIVATE")
 
     def __post_init__(self) -> None:
-        check_options(self)
+        super().__post_init__()
         low, high = self.dp_bounds
         if not low < high:
             raise UserError(f"--dp_bounds {low:g} {high:g}: give LOW below HIGH")
 
 
 @dataclass(frozen=True)
-class CVAEOnline:
+class CVAEOnline(Settings):
     online_factor: int = option(ONLINE_FACTOR, "online samples per probe epoch, as a multiple of N", minimum=1)
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
 
 class CVAEAnonymizer(Anonymizer):

@@ -17,7 +17,7 @@ import numpy as np
 
 from src.anonymizers.base import Anonymizer, Release, ReleaseInputs
 from src.cli import UserError
-from src.options import check_options, option
+from src.options import Settings, option
 
 DEFAULT_DELTA = 1e-5  # public, fixed: a delta derived from N would reveal N
 # Public clipping radii and budget shares, chosen on the digits embedded with the same backbone
@@ -29,16 +29,13 @@ DEFAULT_SHARES = (0.05, 0.05, 0.3, 0.6)  # counts, centre, class sums, pooled sc
 
 
 @dataclass(frozen=True)
-class GaussRelease:
+class GaussRelease(Settings):
     dpg_epsilon: float | None = option(None, "DP budget epsilon of the Gaussian's statistics (none: exact, "
                                        "non-private)", kind=float, above=0)
 
-    def __post_init__(self) -> None:
-        check_options(self)
-
 
 @dataclass(frozen=True)
-class GaussMaking:
+class GaussMaking(Settings):
     dpg_delta: float = option(DEFAULT_DELTA, "DP delta (public and fixed; never derived from N)", above=0,
                               maximum=0.1)
     dpg_center_clip: float = option(DEFAULT_CENTER_CLIP, "DP: L2 clip of each record for the centre", above=0)
@@ -52,7 +49,7 @@ class GaussMaking:
                                                 "who knows the seed can remove it (tests only)")
 
     def __post_init__(self) -> None:
-        check_options(self)
+        super().__post_init__()
         if abs(sum(self.dpg_shares) - 1) > 1e-9:
             raise UserError(f"--dpg_shares {' '.join(map(str, self.dpg_shares))}: the four shares must sum to 1")
 

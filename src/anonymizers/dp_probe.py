@@ -18,7 +18,7 @@ import numpy as np
 
 from src.anonymizers.base import Anonymizer
 from src.anonymizers.dp_gaussian import GaussMaking
-from src.options import check_options, option
+from src.options import Settings, option
 
 # Public settings, the DP Gaussian's defaults and a ridge, all chosen on the digits (docs/dp-baselines.md);
 # the noise is always from OS entropy (tests call the library with their own generator).
@@ -26,12 +26,9 @@ RIDGE = 0.01  # on the digits at epsilon 10: 0 and 0.01 alike, 0.1 and 1 worse
 
 
 @dataclass(frozen=True)
-class DPProbeRelease:
+class DPProbeRelease(Settings):
     dpp_epsilon: float | None = option(None, "DP budget of the least-squares probe, at delta 1e-5 (none: exact "
                                        "least squares)", kind=float, above=0)
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
 
 class DPProbe(Anonymizer):

@@ -7,17 +7,17 @@ from typing import Any
 
 from src.anonymizers.base import Anonymizer, Release, ReleaseInputs
 from src.cli import UserError
-from src.options import check_options, option
+from src.options import Settings, option
 
 
 @dataclass(frozen=True)
-class KSameRelease:
+class KSameRelease(Settings):
     k: int | None = option(None, "k-Same cluster size (at least 2)", kind=int, minimum=2)
 
     def __post_init__(self) -> None:
         if self.k is None:
             raise UserError("--anonymizer ksame needs --k, a cluster size of at least 2")
-        check_options(self)
+        super().__post_init__()
 
 
 class KSame(Anonymizer):
