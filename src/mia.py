@@ -281,9 +281,9 @@ def run_attack(records_x: np.ndarray, split: Split, release_x: np.ndarray,
 def run_model_attack(records_x: np.ndarray, split: Split, losses: np.ndarray, shadow_losses: Callable[[], Any],
                      device: torch.device, seed: int, delta: float = 0.0) -> dict[str, Any]:
     """Every attack on a released model, from the targets' losses under it. `shadow_losses()` yields the
-    targets' losses under each shadow model in shadow order; LiRA fits its Gaussians to log losses, on
-    which one variance pooled over targets fits the well and the badly reconstructed alike. Returns
-    what `run_attack` returns."""
+    targets' losses under each shadow model in shadow order. LiRA fits its Gaussians to log losses: a
+    loss's spread grows with its size, so one variance pooled over targets fits well and badly
+    reconstructed targets alike only on the log scale. Returns what `run_attack` returns."""
     zspace = ZSpace(records_x[np.r_[split.aux, split.targets]], device)
     shadows = np.log(np.maximum(np.stack(list(shadow_losses())), DISTANCE_FLOOR))
     scores = {"model_loss": -losses,
