@@ -10,10 +10,12 @@ release from it with --seed, exactly as anonymize.py would from those records. T
 and a balanced half of the targets, and runs the attacks of src.mia. The threat model and the
 attacks are in src/mia.py and docs/attacks.md.
 
+    python -m src.attack --dataset D --backbone B --anonymizer cvae --online
+    -> <output_root>/attack/<dataset>/<dataset>_cvae-online-v1-s<seed>.json
+
 With --online the release is the model the anonymizer's online mode ships (the CVAE's encoder and
 decoder, probing_noise_cvae.py): the attacked model and the shadows are trained as that mode trains
 them, and targets are scored by their loss under each model.
-    -> <output_root>/attack/<dataset>/<dataset>_<flag>-online...-s<seed>.json
 """
 from __future__ import annotations
 
