@@ -127,8 +127,9 @@ def test_recorded_settings_are_the_settings_fields(script):
                                           "output_root", "lr", "epochs", "batch_size", "anonymizer", "sigma",
                                           "noise_units", "variance", "reference_objective", "dp_epsilon",
                                           "max_epochs", "cvae_lr", "cvae_batch_size", "cvae_patience", "cvae_beta",
-                                          "cvae_hidden_dim", "cvae_latent_dim", "dp_delta", "max_grad_norm", "dp_epochs", "dp_bounds",
-                                          "dp_count_share", "dp_seeded_noise_not_private", "online_factor"}}[script]
+                                          "cvae_hidden_dim", "cvae_latent_dim", "dp_delta", "max_grad_norm",
+                                          "dp_epochs", "dp_bounds", "dp_count_share", "dp_seeded_noise_not_private",
+                                          "online_factor"}}[script]
     assert set(record) == expected
     json.dumps(record)  # records are plain JSON
     assert module.outputs(settings)
