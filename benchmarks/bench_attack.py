@@ -4,7 +4,7 @@ Measured in the same run, on the same real-format data (scikit-learn's digits pi
 as databases; or --database_root/--dataset/--backbone for real embeddings):
 - one shadow (src.attack._shadow: one worker's unit, one CPU thread) against one ordinary training of
   the same anonymizer on the same records (the anonymizer's make, as anonymize.py calls it); goal <= 1.1x;
-- S shadows made with --jobs 2 (src.attack.shadow_embeddings, worker processes) against S x one shadow
+- S shadows made with --jobs 2 (src.attack.shadow_observations, worker processes) against S x one shadow
   made in this process; on 2 free cores the ideal ratio is 0.5.
 Rounds alternate the sides (benchmarks.timing.race) and keep each side's fastest.
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from src.anonymizers import get_anonymizer  # noqa: E402
-from src.attack import _shadow, load_records, release_from_rows, shadow_embeddings  # noqa: E402
+from src.attack import _shadow, load_records, release_from_rows, shadow_observations  # noqa: E402
 from src.io import save_database  # noqa: E402
 from src.mia import draw_split  # noqa: E402
 from src.runtime import one_cpu_thread  # noqa: E402
@@ -79,12 +79,12 @@ def main() -> None:
                 return release_from_rows(serial, fresh(serial), rows, 43, torch.device("cpu")).embeddings
 
         one = race({"ordinary training": ordinary,
-                    "one shadow": lambda: _shadow((serial, fresh(serial), rows, 43))}, torch.device("cpu"),
-                   args.repeat)
-        many = race({f"{args.shadows} shadows, one process": lambda: list(shadow_embeddings(serial, fresh(serial),
-                                                                                            split)),
-                     f"{args.shadows} shadows, --jobs 2": lambda: list(shadow_embeddings(parallel, fresh(parallel),
-                                                                                         split))},
+                    "one shadow": lambda: _shadow((serial, fresh(serial), rows, 43, split.targets))},
+                   torch.device("cpu"), args.repeat)
+        many = race({f"{args.shadows} shadows, one process": lambda: list(shadow_observations(serial, fresh(serial),
+                                                                                              split)),
+                     f"{args.shadows} shadows, --jobs 2": lambda: list(shadow_observations(parallel, fresh(parallel),
+                                                                                           split))},
                     torch.device("cpu"), args.repeat)
     name = f"{args.anonymizer}" + (f" k={args.k}" if args.anonymizer == "ksame" else f" max_epochs={args.max_epochs}")
     print(f"{name}, {len(rows)} records per training, best of {args.repeat}")

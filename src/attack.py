@@ -9,12 +9,20 @@ release from it with --seed, exactly as anonymize.py would from those records. T
 --shadows shadow releases (the same anonymizer, seeds --seed + 1 ...), each on its auxiliary pool
 and a balanced half of the targets, and runs the attacks of src.mia. The threat model and the
 attacks are in src/mia.py and docs/attacks.md.
+
+    python -m src.attack --dataset D --backbone B --anonymizer cvae --online
+    -> <output_root>/attack/<dataset>/<dataset>_cvae-online-v1-s<seed>.json
+
+With --online the release is the model the anonymizer's online mode ships (the CVAE's encoder and
+decoder, probing_noise_cvae.py): the attacked model and the shadows are trained as that mode trains
+them, and targets are scored by their loss under each model.
 """
 from __future__ import annotations
 
 import argparse
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,6 +34,10 @@ from src.cli import ArgumentParser, UserError, run_cli
 from src.options import add_options, from_args
 from src.settings import AttackSettings
 
+# The attacker's noise for a model's per-record loss: one draw for the attacked model and every shadow, so
+# that their losses differ by their weights alone (and never the release's own seed, which it does not know).
+LOSS_NOISE_SEED = 0
+
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,14 +48,20 @@ def build_parser() -> ArgumentParser:
 
 def parse_settings(argv: list[str] | None = None) -> AttackSettings:
     args = build_parser().parse_args(argv)
-    return from_args(AttackSettings, args, **anonymizer_settings(get_anonymizer(args.anonymizer), args, MAKING))
+    anonymizer = get_anonymizer(args.anonymizer)
+    for name in anonymizer.sampling_settings if args.online else ():
+        if hasattr(args, name):  # given: with given_only, argparse records only the flags on the command line
+            raise UserError(f"--{name} does not apply to --online: it says how the model is sampled, and the "
+                            "attack scores the trained model itself; drop it")
+    return from_args(AttackSettings, args, **anonymizer_settings(anonymizer, args, MAKING))
 
 
 def result_path(settings: AttackSettings) -> Path:
     anonymizer = get_anonymizer(settings.anonymizer)
     from src.naming import dataset_dirname
 
-    name = f"{dataset_dirname(settings.dataset)}_{anonymizer.flag(settings.release)}-s{settings.seed}.json"
+    flag = anonymizer.flag(settings.release, online=settings.online)
+    name = f"{dataset_dirname(settings.dataset)}_{flag}-s{settings.seed}.json"
     return Path(settings.output_root) / "attack" / dataset_dirname(settings.dataset) / name
 
 
@@ -51,36 +69,66 @@ def outputs(settings: AttackSettings) -> list[Path]:
     return [result_path(settings)]
 
 
+def _release_inputs(inputs: dict, rows: np.ndarray) -> Any:
+    """What the anonymizer makes a release from when the train split holds exactly records[rows]."""
+    from src.anonymizers.base import ReleaseInputs
+
+    return ReleaseInputs(inputs["records_x"][rows], inputs["records_y"][rows], inputs["val_x"], inputs["val_y"],
+                         inputs["num_classes"], inputs["checkpoint_dir"], inputs["classes_declared"])
+
+
 def release_from_rows(settings: AttackSettings, inputs: Any, rows: np.ndarray, seed: int, device: Any) -> Any:
     """The anonymizer's release of records[rows] with `seed` (the identity releases them as they are):
     the same call anonymize.py makes on a train split holding exactly these rows."""
-    from src.anonymizers.base import Release, ReleaseInputs
+    from src.anonymizers.base import Release
 
     anonymizer = get_anonymizer(settings.anonymizer)
-    x, y = inputs["records_x"][rows], inputs["records_y"][rows]
     if not anonymizer.makes_releases:
-        return Release(x, y)
-    data = ReleaseInputs(x, y, inputs["val_x"], inputs["val_y"], inputs["num_classes"], inputs["checkpoint_dir"],
-                         inputs["classes_declared"])
-    return anonymizer.make(data, settings.release, settings.making, seed, device)
+        return Release(inputs["records_x"][rows], inputs["records_y"][rows])
+    return anonymizer.make(_release_inputs(inputs, rows), settings.release, settings.making, seed, device)
 
 
-def _shadow(job: tuple[AttackSettings, dict, np.ndarray, int]) -> np.ndarray:
-    """One shadow release's embeddings: an independent unit for a worker process (one CPU thread)."""
+def model_from_rows(settings: AttackSettings, inputs: dict, rows: np.ndarray, seed: int,
+                    device: Any) -> tuple[Any, dict]:
+    """The model the online mode ships when trained on records[rows] with `seed` (the call
+    probing_noise_cvae.py makes), and what results record about its training."""
+    model, _, details = get_anonymizer(settings.anonymizer).trained_model(
+        _release_inputs(inputs, rows), settings.release, settings.making, seed, device)
+    return model, details
+
+
+def target_losses(settings: AttackSettings, inputs: dict, model: Any, targets: np.ndarray) -> np.ndarray:
+    """The targets' losses under a released model, with the attacker's fixed noise."""
+    return get_anonymizer(settings.anonymizer).model_losses(model, inputs["records_x"][targets],
+                                                            inputs["records_y"][targets], LOSS_NOISE_SEED)
+
+
+def observed(settings: AttackSettings, inputs: dict, rows: np.ndarray, seed: int, targets: np.ndarray,
+             device: Any) -> np.ndarray:
+    """What the attacker sees of the anonymizer's output on records[rows]: the released embeddings, or with
+    --online the targets' losses under the released model (computed where it was trained)."""
+    if settings.online:
+        return target_losses(settings, inputs, model_from_rows(settings, inputs, rows, seed, device)[0], targets)
+    return release_from_rows(settings, inputs, rows, seed, device).embeddings
+
+
+def _shadow(job: tuple[AttackSettings, dict, np.ndarray, int, np.ndarray]) -> np.ndarray:
+    """What the attacker sees of one shadow: an independent unit for a worker process (one CPU thread)."""
     from src.runtime import one_cpu_thread, resolve_device, seed_everything
 
-    settings, inputs, rows, seed = job
+    settings, inputs, rows, seed, targets = job
     seed_everything(seed)
     with one_cpu_thread():
-        return release_from_rows(settings, inputs, rows, seed, resolve_device(settings.device)).embeddings
+        return observed(settings, inputs, rows, seed, targets, resolve_device(settings.device))
 
 
-def shadow_embeddings(settings: AttackSettings, inputs: dict, split: Any) -> Iterator[np.ndarray]:
-    """The shadows' released embeddings in order; with --jobs above 1, made in that many processes."""
+def shadow_observations(settings: AttackSettings, inputs: dict, split: Any) -> Iterator[np.ndarray]:
+    """The shadows' `observed` outputs in order; with --jobs above 1, made in that many processes."""
     from tqdm import tqdm
 
-    jobs = [(settings, inputs, split.shadow_rows(s), settings.seed + 1 + s) for s in range(settings.shadows)]
-    bar = dict(total=len(jobs), desc="shadow releases", unit="shadow")
+    jobs = [(settings, inputs, split.shadow_rows(s), settings.seed + 1 + s, split.targets)
+            for s in range(settings.shadows)]
+    bar = dict(total=len(jobs), desc="shadow models" if settings.online else "shadow releases", unit="shadow")
     if settings.jobs == 1:
         yield from tqdm(map(_shadow, jobs), **bar)
         return
@@ -116,7 +164,7 @@ def load_records(settings: AttackSettings) -> tuple[dict, dict[str, str]]:
 def attack_release(settings: AttackSettings) -> dict:
     """Make the attacked release and its shadows, run every attack; the result record (not written)."""
     from src.io import provenance
-    from src.mia import draw_split, run_attack
+    from src.mia import draw_split, run_attack, run_model_attack
     from src.options import settings_record
     from src.runtime import resolve_device, seed_everything
 
@@ -125,13 +173,20 @@ def attack_release(settings: AttackSettings) -> dict:
     split = draw_split(len(inputs["records_x"]), settings.targets, settings.shadows, settings.seed)
     seed_everything(settings.seed)
     start = time.perf_counter()
-    release = release_from_rows(settings, inputs, split.private_rows(), settings.seed, device)
-    delta = float(release.details.get("dp", {}).get("delta", 0.0))
-    outcome = run_attack(inputs["records_x"], split, release.embeddings,
-                         lambda: shadow_embeddings(settings, inputs, split), device, settings.seed, delta)
-    spent = release.details.get("dp", {}).get("spent_epsilon")
+    shadows = partial(shadow_observations, settings, inputs, split)  # made when the attack asks for them
+    if settings.online:
+        model, details = model_from_rows(settings, inputs, split.private_rows(), settings.seed, device)
+        dp = details.get("dp", {})
+        outcome = run_model_attack(inputs["records_x"], split, target_losses(settings, inputs, model, split.targets),
+                                   shadows, device, settings.seed, float(dp.get("delta", 0.0)))
+    else:
+        release = release_from_rows(settings, inputs, split.private_rows(), settings.seed, device)
+        dp = release.details.get("dp", {})
+        outcome = run_attack(inputs["records_x"], split, release.embeddings, shadows, device, settings.seed,
+                             float(dp.get("delta", 0.0)))
+    flag = get_anonymizer(settings.anonymizer).flag(settings.release, online=settings.online)
     return {"stage": "attack", "settings": settings_record(settings), "inputs": fingerprints,
-            "flag": get_anonymizer(settings.anonymizer).flag(settings.release), "spent_epsilon": spent,
+            "flag": flag, "spent_epsilon": dp.get("spent_epsilon"),
             "attacks": outcome["attacks"], "audit": outcome["audit"],
             "scores": {name: values.tolist() for name, values in outcome["scores"].items()},
             "members": outcome["members"].tolist(), "exposed": outcome["exposed"].tolist(),

@@ -9,7 +9,7 @@ import numpy as np
 
 from src.anonymizers import ANONYMIZERS, anonymizer_of_flag
 from src.io import atomic_path
-from src.mia import ATTACKS, FPR_LEVELS, roc_curve
+from src.mia import ATTACKS, FPR_LEVELS, MODEL_ATTACKS, roc_curve
 
 COLUMNS = [("auc", "AUC")] + [(f"tpr_at_fpr_{level:g}", f"TPR@{100 * level:g}%FPR") for level in FPR_LEVELS]
 ROC_GRID = np.logspace(-3, 0, 61)  # FPRs at which seeds' ROC curves are averaged
@@ -29,6 +29,11 @@ def load_results(paths: list[Path]) -> dict[str, list[dict]]:
     return {flag: by_flag[flag] for flag in sorted(by_flag, key=order)}
 
 
+def attacks_run(records: list[dict]) -> list[str]:
+    """The attacks a release's results hold: on a released set, or on a released model (--online)."""
+    return [attack for attack in ATTACKS + MODEL_ATTACKS if attack in records[0]["attacks"]]
+
+
 def cell(values: list[float]) -> str:
     """mean ± sample std over seeds (the mean alone for one seed)."""
     if len(values) == 1:
@@ -41,7 +46,7 @@ def attack_table(results: dict[str, list[dict]]) -> tuple[str, str]:
     header = ["release", "attack"] + [f"{label} {part}" for part in ("all", "exposed") for _, label in COLUMNS]
     rows, csv_rows = [], [",".join(["release", "attack", "part", "metric", "mean", "std", "n"])]
     for flag, records in results.items():
-        for attack in ATTACKS:
+        for attack in attacks_run(records):
             row = [flag, attack]
             for part in ("all", "exposed"):
                 for key, _ in COLUMNS:
@@ -68,7 +73,8 @@ def audit_table(results: dict[str, list[dict]]) -> str:
 
 def best_attack(records: list[dict]) -> str:
     """The attack with the highest mean TPR at 1 % FPR on all targets."""
-    return max(ATTACKS, key=lambda a: np.mean([r["attacks"][a]["all"]["tpr_at_fpr_0.01"] for r in records]))
+    return max(attacks_run(records),
+               key=lambda a: np.mean([r["attacks"][a]["all"]["tpr_at_fpr_0.01"] for r in records]))
 
 
 def roc_figure(results: dict[str, list[dict]], path: Path) -> None:

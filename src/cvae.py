@@ -89,24 +89,39 @@ def reparameterize(mean: torch.Tensor, log_var: torch.Tensor, noise: torch.Tenso
 
 
 def kl_divergence(mean: torch.Tensor, log_var: torch.Tensor, reference_objective: bool = False) -> torch.Tensor:
-    """KL(N(mean, exp(log_var)) || N(0, I)) summed over the batch.
+    """KL(N(mean, exp(log_var)) || N(0, I)) per latent dimension of each record (records x latent):
+    summed over a row, one record's KL.
 
     The reference's term, sum(sigma^2 + mean^2 - log_var - 0.5) with sigma = exp(log_var),
     is not a KL divergence (it is 0.5 per dimension at the prior itself) but is kept to
     reproduce that code.
     """
     if reference_objective:
-        return ((2 * log_var).exp() + mean.pow(2) - log_var - 0.5).sum()
-    return 0.5 * (log_var.exp() + mean.pow(2) - 1 - log_var).sum()
+        return (2 * log_var).exp() + mean.pow(2) - log_var - 0.5
+    return 0.5 * (log_var.exp() + mean.pow(2) - 1 - log_var)
+
+
+def loss_terms(model: CVAE, x: torch.Tensor, onehot: torch.Tensor, noise: torch.Tensor,
+               release: CVAERelease) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss's two parts before any sum: squared reconstruction errors (records x features) and KL
+    terms (records x latent). Summed whole they are a batch's loss, by row each record's."""
+    mean, log_var = model.encode(x, onehot)
+    z = reparameterize(mean, log_var, noise, release.reference_objective)
+    return (model.decode(z, onehot) - x).pow(2), kl_divergence(mean, log_var, release.reference_objective)
 
 
 def batch_loss(model: CVAE, x: torch.Tensor, onehot: torch.Tensor, noise: torch.Tensor,
                release: CVAERelease, making: CVAEMaking) -> torch.Tensor:
     """Summed squared reconstruction error + beta * KL over one batch (the reference's loss)."""
-    mean, log_var = model.encode(x, onehot)
-    z = reparameterize(mean, log_var, noise, release.reference_objective)
-    reconstruction = F.mse_loss(model.decode(z, onehot), x, reduction="sum")
-    return reconstruction + making.cvae_beta * kl_divergence(mean, log_var, release.reference_objective)
+    squared_error, kl = loss_terms(model, x, onehot, noise, release)
+    return squared_error.sum() + making.cvae_beta * kl.sum()
+
+
+def record_losses(model: CVAE, x: torch.Tensor, onehot: torch.Tensor, noise: torch.Tensor,
+                  release: CVAERelease, making: CVAEMaking) -> torch.Tensor:
+    """Each record's term of `batch_loss`: the statistic of a membership attack on the released model."""
+    squared_error, kl = loss_terms(model, x, onehot, noise, release)
+    return squared_error.sum(dim=1) + making.cvae_beta * kl.sum(dim=1)
 
 
 @torch.no_grad()
@@ -118,6 +133,15 @@ def mean_loss(model: CVAE, x: torch.Tensor, onehot: torch.Tensor, noise: torch.T
         rows = slice(start, start + making.cvae_batch_size)
         total += batch_loss(model, x[rows], onehot[rows], noise[rows], release, making)
     return total.item() / len(x)
+
+
+@torch.no_grad()
+def set_losses(model: CVAE, x: torch.Tensor, onehot: torch.Tensor, noise: torch.Tensor,
+               release: CVAERelease, making: CVAEMaking) -> torch.Tensor:
+    """Each record's loss over a whole (scaled) set, evaluated in chunks of the batch size."""
+    size = making.cvae_batch_size
+    return torch.cat([record_losses(model, x[start:start + size], onehot[start:start + size],
+                                    noise[start:start + size], release, making) for start in range(0, len(x), size)])
 
 
 def fixed_noise(num_samples: int, latent_dim: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -219,11 +243,23 @@ def train_cvae(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
     return CVAEBundle(model, scaler, num_classes, release, making, history, best_epoch)
 
 
-def evaluate_loss(bundle: CVAEBundle, x: np.ndarray, y: np.ndarray, seed: int) -> float:
-    """Per-sample loss of raw embeddings under the bundle, with the noise training used for validation."""
+def evaluation_inputs(bundle: CVAEBundle, x: np.ndarray, y: np.ndarray,
+                      seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw embeddings scaled, their one-hot labels, and `fixed_noise` from `seed` for the latent draws."""
     x_scaled, onehot = scaled_tensors(bundle.scaler, x, y, bundle.num_classes, bundle.device)
-    noise = fixed_noise(len(x_scaled), bundle.model.latent_dim, seed, bundle.device)
-    return mean_loss(bundle.model, x_scaled, onehot, noise, bundle.release, bundle.making)
+    return x_scaled, onehot, fixed_noise(len(x_scaled), bundle.model.latent_dim, seed, bundle.device)
+
+
+def evaluate_losses(bundle: CVAEBundle, x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+    """Each raw embedding's loss under the bundle, with `fixed_noise` from `seed` (training's validation
+    noise for its own seed): one noise draw shared by every bundle, so losses differ by weights alone."""
+    return set_losses(bundle.model, *evaluation_inputs(bundle, x, y, seed), bundle.release,
+                      bundle.making).cpu().numpy()
+
+
+def evaluate_loss(bundle: CVAEBundle, x: np.ndarray, y: np.ndarray, seed: int) -> float:
+    """Per-sample loss of raw embeddings under the bundle, as training's validation loss measures it."""
+    return mean_loss(bundle.model, *evaluation_inputs(bundle, x, y, seed), bundle.release, bundle.making)
 
 
 def training_settings(release: CVAERelease, making: CVAEMaking) -> dict:

@@ -19,6 +19,11 @@ Attacks (higher score = more member-like):
   DOMIAS log ratio) under Gaussians fitted to its IN and OUT shadows (per-target means, variances
   pooled over targets, LiRA's "fixed variance" for few shadows).
 
+Attacks on a released model (the online CVAE ships its trained encoder and decoder, not a set):
+- model_loss: minus the target's loss under the model (its training objective, the negative ELBO up to
+  the KL weight; Yeom et al. 2018's loss attack);
+- lira_model_loss: the likelihood ratio of the target's log loss under its IN and OUT shadow models.
+
 Reports: AUC with a 95 % interval (Hanley-McNeil), TPR at FPR 1 % and 0.1 % on all targets and on
 the 5 % most exposed (largest mean distance to their 5 nearest real records in the attacker's pool,
 Meeus et al. 2023), and an empirical epsilon lower bound (Jagielski et al. 2020; Nasr et al. 2021):
@@ -41,6 +46,7 @@ EXPOSED_SHARE = 0.05
 CONFIDENCE = 0.95
 ATTACKS = ("distance", "knn_density", "domias", "lira_distance", "lira_domias")
 LIRA_STATISTICS = {"lira_distance": "log_distance", "lira_domias": "domias"}
+MODEL_ATTACKS = ("model_loss", "lira_model_loss")  # on a released model rather than a released set
 # a distance of exactly 0 (a copied record) has no logarithm; this floor is far below any real distance
 DISTANCE_FLOOR = 1e-6
 
@@ -269,6 +275,25 @@ def run_attack(records_x: np.ndarray, split: Split, release_x: np.ndarray,
               "domias": observed["domias"]}
     for attack, statistic in LIRA_STATISTICS.items():
         scores[attack] = lira_scores(observed[statistic], np.stack(shadow_values[statistic]), split.shadow_in)
+    return attack_outcome(scores, targets_x, aux_x, split, delta, seed)
+
+
+def run_model_attack(records_x: np.ndarray, split: Split, losses: np.ndarray, shadow_losses: Callable[[], Any],
+                     device: torch.device, seed: int, delta: float = 0.0) -> dict[str, Any]:
+    """Every attack on a released model, from the targets' losses under it. `shadow_losses()` yields the
+    targets' losses under each shadow model in shadow order. LiRA fits its Gaussians to log losses: a
+    loss's spread grows with its size, so one variance pooled over targets fits well and badly
+    reconstructed targets alike only on the log scale. Returns what `run_attack` returns."""
+    zspace = ZSpace(records_x[np.r_[split.aux, split.targets]], device)
+    shadows = np.log(np.maximum(np.stack(list(shadow_losses())), DISTANCE_FLOOR))
+    scores = {"model_loss": -losses,
+              "lira_model_loss": lira_scores(np.log(np.maximum(losses, DISTANCE_FLOOR)), shadows, split.shadow_in)}
+    return attack_outcome(scores, zspace(records_x[split.targets]), zspace(records_x[split.aux]), split, delta, seed)
+
+
+def attack_outcome(scores: dict[str, np.ndarray], targets_x: torch.Tensor, aux_x: torch.Tensor, split: Split,
+                   delta: float, seed: int) -> dict[str, Any]:
+    """The report of every attack's scores, the audit, and the membership and exposure masks."""
     exposed = exposed_targets(targets_x, torch.cat([targets_x, aux_x]))
     return {"attacks": report(scores, split.members, exposed),
             "audit": epsilon_lower_bound(scores, split.members, delta, seed),

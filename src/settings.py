@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from src.anonymizers import ANONYMIZERS, get_anonymizer
+from src.anonymizers import ANONYMIZERS, ONLINE, get_anonymizer, offering
 from src.defaults import DEFAULT_ROOTS, PAPER_BACKBONE
 from src.cli import SEED_LIMIT, UserError
 from src.options import Settings, option
@@ -129,6 +129,8 @@ class AttackSettings(StageSettings):
     targets: int = option(200, "target records (even; half are members of the attacked release)", minimum=2)
     shadows: int = option(8, "shadow releases shared across targets (even; each target IN for half)", minimum=2)
     jobs: int = option(1, "shadow releases made at once, one process each", changes_results=False, minimum=1)
+    online: bool = option(False, "attack the online mode's release, the trained model it ships (the CVAE's encoder "
+                          "and decoder), by each target's loss under it, instead of an offline release")
     release: Any = nested()  # the anonymizer's Release settings
     making: Any = nested()  # the anonymizer's Making settings
 
@@ -137,6 +139,9 @@ class AttackSettings(StageSettings):
         for flag, value in (("--targets", self.targets), ("--shadows", self.shadows)):
             if value % 2:
                 raise UserError(f"{flag} {value}: give an even number, so that exactly half are members")
+        if self.online and get_anonymizer(self.anonymizer).Online is None:
+            raise UserError(f"--online: --anonymizer {self.anonymizer} has no online mode, so no released model to "
+                            f"attack; choose one of {', '.join(offering(ONLINE))} or drop --online")
         _check_anonymizer_settings(self.anonymizer, release=self.release, making=self.making)
 
 

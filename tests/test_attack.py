@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from src.anonymizers import get_anonymizer
-from src.attack import _shadow, load_records, release_from_rows, shadow_embeddings
+from src.attack import _shadow, load_records, release_from_rows, shadow_observations
 from src.io import load_database, save_database
 from src.mia import (attack_summary, clopper_pearson, draw_split, epsilon_from_rates, run_attack, tpr_at_fpr)
 from src.settings import AnonymizeSettings, AttackSettings
@@ -81,7 +81,7 @@ def test_release_that_never_saw_the_targets_is_at_chance(database, anonymizer, r
     split = draw_split(len(inputs["records_x"]), settings.targets, settings.shadows, settings.seed)
     blind = release_from_rows(settings, inputs, split.filler, settings.seed, torch.device("cpu"))
     outcome = run_attack(inputs["records_x"], split, blind.embeddings,
-                         lambda: shadow_embeddings(settings, inputs, split), torch.device("cpu"), settings.seed)
+                         lambda: shadow_observations(settings, inputs, split), torch.device("cpu"), settings.seed)
     for attack, parts in outcome["attacks"].items():
         assert parts["all"]["auc_low"] <= 50.0 <= parts["all"]["auc_high"], (attack, parts["all"])
     assert outcome["audit"]["epsilon_lower_bound"] == 0.0
@@ -96,7 +96,7 @@ def test_shadow_equals_the_release_anonymize_makes_from_its_records(database, tm
     inputs, _ = load_records(settings)
     split = draw_split(len(inputs["records_x"]), settings.targets, settings.shadows, settings.seed)
     rows, seed = split.shadow_rows(1), settings.seed + 2
-    shadow = _shadow((settings, inputs, rows, seed))
+    shadow = _shadow((settings, inputs, rows, seed, split.targets))
 
     folder = tmp_path / DATASET / BACKBONE  # a database whose train split is exactly the shadow's records
     save_database(folder / "train.npz", inputs["records_x"][rows], inputs["records_y"][rows],
@@ -153,6 +153,10 @@ def test_epsilon_bound_from_clopper_pearson_closed_forms():
     (["--anonymizer", "identity", "--targets", "5000"], ["--targets 5000", "1400 records"]),
     (["--anonymizer", "ksame"], ["--k"]),
     (["--anonymizer", "nosuch"], ["--anonymizer"]),
+    (["--anonymizer", "identity", "--online"], ["--online", "no online mode", "cvae"]),
+    (["--anonymizer", "cvae", "--online", "--variance", "0.5"], ["--variance does not apply to --online"]),
+    (["--anonymizer", "cvae", "--online", "--k", "5"], ["--k does not apply to --anonymizer cvae"]),
+    (["--anonymizer", "cvae", "--online", "--online_factor", "2"], ["--online_factor"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(database, args, fragments):
     result = run_attack_script(database, *args, "--output_root", str(database / "bad"))
@@ -166,7 +170,7 @@ def test_missing_database_is_one_line(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
-def test_attack_config_expands_to_one_attack_per_offline_release_and_seed(tmp_path):
+def test_attack_config_expands_to_one_attack_per_release_and_seed(tmp_path):
     import yaml
 
     from src.sweep import expand, load_config
@@ -177,13 +181,21 @@ def test_attack_config_expands_to_one_attack_per_offline_release_and_seed(tmp_pa
     config["seeds"] = [0, 3]
     (tmp_path / "attack.yaml").write_text(yaml.safe_dump(config))
     points = [p for p in expand(load_config(tmp_path / "attack.yaml"), Path("results")) if p.stage == "attack"]
-    # identity, k-Same 2/5/10, CVAE without DP and at epsilon 1 and 8; the online CVAE is not attacked
-    assert len(points) == 7 * 2
+    # identity, k-Same 2/5/10, CVAE without DP and at epsilon 1 and 8, and the model the online CVAE ships
+    assert len(points) == 8 * 2
     names = {p.name for p in points}
-    assert {"attack-digits-identity-s3", "attack-digits-ksame-10-s0", "attack-digits-cvae-dp1-s3"} <= names
+    assert {"attack-digits-identity-s3", "attack-digits-ksame-10-s0", "attack-digits-cvae-dp1-s3",
+            "attack-digits-cvae-online-v1-s0"} <= names
     for point in points:
         assert point.command[:2] == ["-m", "src.attack"] and point.deps == ["create_db-digits"]
         assert point.settings["targets"] == 400 and point.settings["shadows"] == 4
+        assert point.settings["online"] == ("online" in point.name)
+    # sampling variants of one online model are one attack, which refuses the sampling flag
+    config["anonymizers"] = {"cvae-online": {"variance": [0.5, 1.0], "online_factor": [1, 10]}}
+    (tmp_path / "online.yaml").write_text(yaml.safe_dump(config))
+    online = [p for p in expand(load_config(tmp_path / "online.yaml"), Path("results")) if p.stage == "attack"]
+    assert [p.name for p in online] == ["attack-digits-cvae-online-v1-s0", "attack-digits-cvae-online-v1-s3"]
+    assert "--online" in online[0].command and "--variance" not in online[0].command
     config["attack"] = {"targets": 5}
     (tmp_path / "odd.yaml").write_text(yaml.safe_dump(config))
     from src.cli import UserError
@@ -212,3 +224,72 @@ def test_attack_report_tables_match_the_results_and_draw_the_roc(database, tmp_p
     assert float(row[4]) == pytest.approx(np.mean(values), abs=1e-4) and row[6] == "2"
     assert float(row[5]) == pytest.approx(np.std(values, ddof=1), abs=1e-4)
     assert "| identity | lira_distance | 100.0 |" in text  # one seed: the value itself
+
+
+def digits_tensors(rows: slice) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.data[rows].astype(np.float32), digits.target[rows]
+
+
+def test_record_losses_are_the_loss_computed_record_by_record():
+    """Oracle: each record's loss computed alone with torch's own MSE and Gaussian KL; their mean is the
+    validation loss training recorded for the restored epoch (the same fixed noise)."""
+    import torch.nn.functional as F
+    from torch.distributions import Normal, kl_divergence
+
+    from src.anonymizers.cvae import CVAEMaking, CVAERelease
+    from src.cvae import evaluate_loss, evaluate_losses, fixed_noise, scaled_tensors, train_cvae
+
+    (train_x, train_y), (val_x, val_y) = digits_tensors(slice(0, 300)), digits_tensors(slice(300, 400))
+    making = CVAEMaking(max_epochs=5, cvae_hidden_dim=32, cvae_latent_dim=4, cvae_lr=1e-2, cvae_batch_size=64)
+    bundle = train_cvae(train_x, train_y, val_x, val_y, 10, CVAERelease(), making, torch.device("cpu"), seed=3)
+    losses = evaluate_losses(bundle, val_x, val_y, seed=3)
+
+    x, onehot = scaled_tensors(bundle.scaler, val_x, val_y, 10, torch.device("cpu"))
+    noise = fixed_noise(len(x), making.cvae_latent_dim, 3, torch.device("cpu"))
+    expected = []
+    with torch.no_grad():
+        for i in range(len(x)):
+            mean, log_var = bundle.model.encode(x[i:i + 1], onehot[i:i + 1])
+            std = (0.5 * log_var).exp()
+            decoded = bundle.model.decode(mean + std * noise[i:i + 1], onehot[i:i + 1])
+            kl = kl_divergence(Normal(mean, std), Normal(0.0, 1.0)).sum()
+            expected.append((F.mse_loss(decoded, x[i:i + 1], reduction="sum") + making.cvae_beta * kl).item())
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    assert losses.mean() == pytest.approx(evaluate_loss(bundle, val_x, val_y, seed=3), rel=1e-6)
+    assert losses.mean() == pytest.approx(bundle.history["val_loss"][bundle.best_epoch - 1], rel=1e-5)
+
+
+def test_loss_attack_separates_the_records_an_overfitted_cvae_saw():
+    """A small CVAE trained for many epochs on 20 records (validated on them, so early stopping never undoes
+    the overfitting) reconstructs its members far better than 20 other records of the same classes."""
+    from src.anonymizers.cvae import CVAEMaking, CVAERelease
+    from src.cvae import train_cvae
+
+    targets_x, targets_y = digits_tensors(slice(0, 40))
+    members = np.arange(40) < 20
+    making = CVAEMaking(max_epochs=300, cvae_hidden_dim=64, cvae_latent_dim=8, cvae_lr=1e-2, cvae_patience=300)
+    x, y = targets_x[members], targets_y[members]
+    bundle = train_cvae(x, y, x, y, 10, CVAERelease(), making, torch.device("cpu"), seed=0)
+    losses = get_anonymizer("cvae").model_losses(bundle, targets_x, targets_y, seed=0)
+    assert attack_summary(members, -losses)["auc"] > 90.0
+
+
+@pytest.mark.slow
+def test_online_cvae_model_is_attacked_by_its_loss(database, tmp_path):
+    result = run_attack_script(database, "--anonymizer", "cvae", "--online", "--targets", "40", "--shadows", "2",
+                               "--max_epochs", "3", "--cvae_hidden_dim", "16", "--cvae_latent_dim", "4",
+                               "--output_root", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "attack" / DATASET / f"{DATASET}_cvae-online-v1-s42.json"
+    record = json.loads(path.read_text())
+    assert set(record["attacks"]) == {"model_loss", "lira_model_loss"} == set(record["scores"])
+    assert record["flag"] == "cvae-online-v1" and record["settings"]["online"] is True
+    assert all(len(scores) == 40 for scores in record["scores"].values())
+    assert record["audit"]["attack"] in record["attacks"] and record["spent_epsilon"] is None
+    from src.attack_report import write_attack_report
+
+    text = write_attack_report([path], tmp_path / "tables")
+    assert "| cvae-online-v1 | lira_model_loss |" in text and "| distance |" not in text

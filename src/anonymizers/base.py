@@ -72,8 +72,12 @@ class Anonymizer:
     name: ClassVar[str]
     Release: ClassVar[type] = NoSettings
     Making: ClassVar[type] = NoSettings
-    # An online mode (fresh samples each probe epoch, probing_noise_cvae.py): its settings and `sampler`. None: none.
+    # An online mode (fresh samples each probe epoch, probing_noise_cvae.py): its settings, `sampler`, and the
+    # model it ships (`trained_model`, `model_losses`, attacked by `python -m src.attack --online`). None: none.
     Online: ClassVar[type | None] = None
+    # Release settings that only say how the online mode samples its model: they name the release but leave the
+    # trained model, which the attack on a model release scores, unchanged.
+    sampling_settings: ClassVar[tuple[str, ...]] = ()
     seeded: ClassVar[bool] = False  # whether a release depends on --seed (and so its name carries it)
     makes_releases: ClassVar[bool] = True  # False for the real set itself
     needs_val: ClassVar[bool] = False  # whether making a release reads the val split
@@ -167,6 +171,17 @@ class Anonymizer:
                 device: Any) -> tuple[Any, dict, dict]:
         """With an online mode: `epoch -> (x, y)` fresh samples each epoch, what identifies it for a probe
         checkpoint, and what results record about its training."""
+        raise NotImplementedError
+
+    def trained_model(self, inputs: ReleaseInputs, release: Any, making: Any, seed: int,
+                      device: Any) -> tuple[Any, Any, dict]:
+        """With an online mode: the model it ships (what `sampler` draws from), the labels whose class counts
+        sampling copies, and what results record about its training."""
+        raise NotImplementedError
+
+    def model_losses(self, model: Any, x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+        """With an online mode: each record's loss under the shipped model (its training objective, any noise
+        drawn from `seed`), the statistic of a membership attack by whoever holds the model."""
         raise NotImplementedError
 
     def column_order(self, flag: str) -> tuple:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from src.anonymizers.base import PRIVATE, Anonymizer, Release, ReleaseInputs
 from src.cli import UserError
 from src.defaults import ONLINE_FACTOR, SAMPLING_VARIANCE
@@ -76,6 +78,7 @@ class CVAEAnonymizer(Anonymizer):
     seeded = True
     needs_val = True
     name_format = "cvae[-v{variance}][-ref{reference_objective}][-dp{dp_epsilon}]"
+    sampling_settings = ("variance",)
 
     def make(self, inputs: ReleaseInputs, release: CVAERelease, making: CVAEMaking, seed: int,
              device: Any) -> Release:
@@ -110,6 +113,13 @@ class CVAEAnonymizer(Anonymizer):
         val_loss = evaluate_loss(bundle, inputs.val_x.clip(*making.dp_bounds), inputs.val_y, seed)
         return bundle, released_labels(accounting["class_counts"]), {"dp": accounting,
                                                                      PRIVATE: {"val_loss_after_training": val_loss}}
+
+    def model_losses(self, model: Any, x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+        """Each record's loss (squared reconstruction error + beta * KL, one fixed noise draw from `seed`)
+        under the CVAE the online mode ships: lower for the records it was trained on."""
+        from src.cvae import evaluate_losses
+
+        return evaluate_losses(model, x, y, seed)
 
     def sampler(self, inputs: ReleaseInputs, release: CVAERelease, making: CVAEMaking, online: CVAEOnline,
                 seed: int, device: Any) -> tuple[Any, dict, dict]:

@@ -8,7 +8,8 @@ stage-script run each, in stages that form a DAG:
   -> probe (one per anonymizer and seed; online CVAE probes here too)
   -> noise (the test-noise probes of the same anonymizer and seed, after its plain
      probe so that the two never run at once)
-  -> attack (with an `attack` entry: python -m src.attack per offline release and seed).
+  -> attack (with an `attack` entry: python -m src.attack per release and seed; --online for the
+     model an online entry ships).
 A point is current, and is skipped without starting a process, when its outputs
 exist, every input they record still has the recorded fingerprint, and the settings
 the config sets, or defaults, match the settings they record; otherwise it runs. A

@@ -58,7 +58,7 @@ class SweepConfig:
     paths: dict[str, str]
     slurm: dict[str, str]
     warn_epsilon: float | None = None  # warn when one split's DP releases compose past it
-    attack: dict[str, int] | None = None  # membership inference (src.attack) on every offline release, if given
+    attack: dict[str, int] | None = None  # membership inference (src.attack) on every release, if given
 
 
 class ConfigReader:

@@ -139,20 +139,34 @@ def expand(config: SweepConfig, results_dir: Path) -> list[Point]:
 
 
 def attack_points(config: SweepConfig, safe: str, base: list[str], common: list[str], made_by: str) -> list[Point]:
-    """With an `attack` entry: one membership-inference run per offline release and seed (src.attack makes
-    its own attacked release and shadows from the real databases, so it waits for create_db only)."""
+    """With an `attack` entry: one membership-inference run per release and seed, offline releases and the
+    models online entries ship (src.attack makes its own attacked release and shadows from the real
+    databases, so it waits for create_db only)."""
     if config.attack is None:
         return []
     attack_args = command_flags(AttackSettings, config.attack)
-    points = []
-    for grid in (g for g in config.anonymizers if not g.online):
+    points: dict[str, Point] = {}
+    for grid in config.anonymizers:
         for combination in grid_settings(grid):
-            args, flag = anonymizer_flags(grid, combination)
+            args, flag = attack_flags(grid, combination)
             for seed in config.seeds:
-                points.append(make_point(f"attack-{safe}-{flag}-s{seed}", "attack",
-                                         ["-m", ATTACK_MODULE, *base, "--anonymizer", grid.anonymizer.name, *args,
-                                          "--seed", str(seed), *attack_args, *common], [made_by]))
-    return points
+                name = f"attack-{safe}-{flag}-s{seed}"
+                if name not in points:  # online entries that differ only in how they sample share one model
+                    points[name] = make_point(name, "attack", ["-m", ATTACK_MODULE, *base, "--anonymizer",
+                                                               grid.anonymizer.name, *args, "--seed", str(seed),
+                                                               *attack_args, *common], [made_by])
+    return list(points.values())
+
+
+def attack_flags(grid: AnonymizerGrid, combination: dict[str, Any]) -> tuple[list[str], str]:
+    """The attack's anonymizer flags for one combination, and its result flag. An online entry's release is
+    its trained model: named by the Release settings that shape it (`src.attack --online` refuses those that
+    only say how it is sampled, and the online settings, which say how many samples a probe epoch gets)."""
+    if not grid.online:
+        return anonymizer_flags(grid, combination)
+    shaping = {name: value for name, value in combination.items() if name not in grid.anonymizer.sampling_settings}
+    release = settings_objects(grid, shaping)["release"]
+    return ["--online", *picking_flags(grid, shaping)], grid.anonymizer.flag(release, online=True)
 
 
 def picking_flags(grid: AnonymizerGrid, combination: dict[str, Any]) -> list[str]:
