@@ -214,16 +214,30 @@ def sdmetrics_dcr(queries: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
     """SDMetrics' distance to closest record (sdmetrics.single_table.privacy.dcr_utils, numerical columns):
     min over reference rows of the column mean of min(|q - r| / range, 1), each column's range max - min of
     `reference`. A column of range 0 gives 0 / 0 = NaN where values agree, which pandas' mean skips, and 1
-    where they differ; so here. Exact pairwise work (no matmul form): blocks of queries x all references."""
+    where they differ; so here.
+
+    Exact, in parts that avoid materialising queries x references x columns: the columns of range 0 add a
+    count that depends on the query alone; on the others, scaled by their range, the sum is the L1 distance
+    (torch.cdist) less the part of |q - r| above 1 that the clip removes, which only a query coordinate
+    outside the reference's range can have."""
     queries, reference = queries.double(), reference.double()
-    spread = reference.max(dim=0).values - reference.min(dim=0).values
-    constant = spread == 0
+    low, high = reference.min(dim=0).values, reference.max(dim=0).values
+    constant = high == low
+    differing = (queries[:, constant] != low[constant]).sum(dim=1).double()  # range-0 columns counting 1
+    counted = (int((~constant).sum()) + differing).clamp(min=1)  # the columns pandas' mean does not skip
+    spread = (high - low)[~constant]
+    scaled_queries, scaled_reference = queries[:, ~constant] / spread, reference[:, ~constant] / spread
+    inside_low, inside_high = scaled_reference.min(dim=0).values, scaled_reference.max(dim=0).values
     nearest = torch.empty(len(queries), dtype=torch.float64, device=queries.device)
-    rows_per_block = max(1, PAIRWISE_ELEMENTS // (len(reference) * reference.shape[1]))
+    rows_per_block = max(1, PAIRWISE_ELEMENTS // max(1, len(reference)))
     for start in range(0, len(queries), rows_per_block):
-        difference = (queries[start:start + rows_per_block, None, :] - reference[None, :, :]).abs()
-        scaled = (difference / torch.where(constant, 1.0, spread)).clamp(max=1.0)
-        scaled = torch.where(constant, (difference > 0).double(), scaled)
-        counted = (~constant | (difference > 0)).sum(dim=2)  # the columns pandas' mean does not skip
-        nearest[start:start + rows_per_block] = (scaled.sum(dim=2) / counted.clamp(min=1)).min(dim=1).values
-    return nearest.cpu().numpy()
+        block = scaled_queries[start:start + rows_per_block]
+        sums = torch.cdist(block, scaled_reference, p=1) if block.shape[1] else block.new_zeros(len(block),
+                                                                                                 len(reference))
+        rows, columns = ((block < inside_low) | (block > inside_high)).nonzero(as_tuple=True)
+        for first in range(0, len(rows), rows_per_block):  # the clipped excess, outside coordinates only
+            row, column = rows[first:first + rows_per_block], columns[first:first + rows_per_block]
+            excess = ((block[row, column, None] - scaled_reference[:, column].T).abs() - 1).clamp(min=0)
+            sums.index_add_(0, row, -excess)
+        nearest[start:start + rows_per_block] = sums.min(dim=1).values
+    return ((nearest + differing) / counted).cpu().numpy()

@@ -269,6 +269,12 @@ def test_sdmetrics_dcr_overfitting_protection_as_sdmetrics_computes_it():
     for reference in (train, test):
         np.testing.assert_allclose(sdmetrics_dcr(torch.tensor(released), torch.tensor(reference)),
                                    sdmetrics_dcr_oracle(released, reference), rtol=1e-12)
+    far = 4 * rng.normal(size=(15, 5))  # most coordinates outside the reference's range: the clip acts often
+    far[:5, 4] = 1.0
+    constant = np.ones((6, 5))  # every column of range 0
+    for queries, reference in ((far, train), (far, constant)):
+        np.testing.assert_allclose(sdmetrics_dcr(torch.tensor(queries), torch.tensor(reference)),
+                                   sdmetrics_dcr_oracle(queries, reference), rtol=1e-12)
     expected = 100 * np.mean(sdmetrics_dcr_oracle(released, train) < sdmetrics_dcr_oracle(released, test))
     scaled = [torch.tensor(a * 3.0 + 1.0, dtype=torch.float32) for a in (released, train, test, val)]
     result = privacy_metrics(*scaled, seed=0)["sdmetrics_dcr_closer_to_training"]
