@@ -104,12 +104,15 @@ def target_losses(settings: AttackSettings, inputs: dict, model: Any, targets: n
 
 
 def observed(settings: AttackSettings, inputs: dict, rows: np.ndarray, seed: int, targets: np.ndarray,
-             device: Any) -> np.ndarray:
+             device: Any) -> tuple[np.ndarray, dict]:
     """What the attacker sees of the anonymizer's output on records[rows]: the released embeddings, or with
-    --online the targets' losses under the released model (computed where it was trained)."""
+    --online the targets' losses under the released model (computed where it was trained); and what the
+    release records about its making (its DP accounting)."""
     if settings.online:
-        return target_losses(settings, inputs, model_from_rows(settings, inputs, rows, seed, device)[0], targets)
-    return release_from_rows(settings, inputs, rows, seed, device).embeddings
+        model, details = model_from_rows(settings, inputs, rows, seed, device)
+        return target_losses(settings, inputs, model, targets), details
+    release = release_from_rows(settings, inputs, rows, seed, device)
+    return release.embeddings, release.details
 
 
 def _shadow(job: tuple[AttackSettings, dict, np.ndarray, int, np.ndarray]) -> np.ndarray:
@@ -119,7 +122,7 @@ def _shadow(job: tuple[AttackSettings, dict, np.ndarray, int, np.ndarray]) -> np
     settings, inputs, rows, seed, targets = job
     seed_everything(seed)
     with one_cpu_thread():
-        return observed(settings, inputs, rows, seed, targets, resolve_device(settings.device))
+        return observed(settings, inputs, rows, seed, targets, resolve_device(settings.device))[0]
 
 
 def shadow_observations(settings: AttackSettings, inputs: dict, split: Any) -> Iterator[np.ndarray]:
@@ -174,16 +177,10 @@ def attack_release(settings: AttackSettings) -> dict:
     seed_everything(settings.seed)
     start = time.perf_counter()
     shadows = partial(shadow_observations, settings, inputs, split)  # made when the attack asks for them
-    if settings.online:
-        model, details = model_from_rows(settings, inputs, split.private_rows(), settings.seed, device)
-        dp = details.get("dp", {})
-        outcome = run_model_attack(inputs["records_x"], split, target_losses(settings, inputs, model, split.targets),
-                                   shadows, device, settings.seed, float(dp.get("delta", 0.0)))
-    else:
-        release = release_from_rows(settings, inputs, split.private_rows(), settings.seed, device)
-        dp = release.details.get("dp", {})
-        outcome = run_attack(inputs["records_x"], split, release.embeddings, shadows, device, settings.seed,
-                             float(dp.get("delta", 0.0)))
+    observation, details = observed(settings, inputs, split.private_rows(), settings.seed, split.targets, device)
+    dp = details.get("dp", {})
+    run = run_model_attack if settings.online else run_attack
+    outcome = run(inputs["records_x"], split, observation, shadows, device, settings.seed, float(dp.get("delta", 0.0)))
     flag = get_anonymizer(settings.anonymizer).flag(settings.release, online=settings.online)
     return {"stage": "attack", "settings": settings_record(settings), "inputs": fingerprints,
             "flag": flag, "spent_epsilon": dp.get("spent_epsilon"),

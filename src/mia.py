@@ -51,6 +51,11 @@ MODEL_ATTACKS = ("model_loss", "lira_model_loss")  # on a released model rather 
 DISTANCE_FLOOR = 1e-6
 
 
+def floored_log(values: np.ndarray) -> np.ndarray:
+    """log(max(values, DISTANCE_FLOOR)): a statistic's log that a zero distance or loss cannot make infinite."""
+    return np.log(np.maximum(values, DISTANCE_FLOOR))
+
+
 @dataclass(frozen=True)
 class Split:
     """Row indices into the real records: targets (half members), the attacker's auxiliary pool, the
@@ -122,7 +127,7 @@ def release_statistics(release_x: torch.Tensor, targets_x: torch.Tensor, aux_x: 
     k-NN and KDE density log ratios against the auxiliary pool (`aux_log_density` at the targets)."""
     nearest = neighbour_distances(targets_x, release_x, NEIGHBOURS, block_size).astype(np.float64)
     aux_nearest = neighbour_distances(targets_x, aux_x, NEIGHBOURS, block_size)[:, -1].astype(np.float64)
-    knn = np.log(np.maximum(aux_nearest, DISTANCE_FLOOR)) - np.log(np.maximum(nearest[:, -1], DISTANCE_FLOOR))
+    knn = floored_log(aux_nearest) - floored_log(nearest[:, -1])
     return {"log_distance": np.log(nearest[:, 0] + DISTANCE_FLOOR), "knn_density": knn,
             "domias": kde_log_density(targets_x, release_x, block_size) - aux_log_density}
 
@@ -285,9 +290,8 @@ def run_model_attack(records_x: np.ndarray, split: Split, losses: np.ndarray, sh
     loss's spread grows with its size, so one variance pooled over targets fits well and badly
     reconstructed targets alike only on the log scale. Returns what `run_attack` returns."""
     zspace = ZSpace(records_x[np.r_[split.aux, split.targets]], device)
-    shadows = np.log(np.maximum(np.stack(list(shadow_losses())), DISTANCE_FLOOR))
-    scores = {"model_loss": -losses,
-              "lira_model_loss": lira_scores(np.log(np.maximum(losses, DISTANCE_FLOOR)), shadows, split.shadow_in)}
+    shadows = floored_log(np.stack(list(shadow_losses())))
+    scores = {"model_loss": -losses, "lira_model_loss": lira_scores(floored_log(losses), shadows, split.shadow_in)}
     return attack_outcome(scores, zspace(records_x[split.targets]), zspace(records_x[split.aux]), split, delta, seed)
 
 
