@@ -25,7 +25,8 @@ from src.anonymizers.base import ReleaseInputs
 from src.cli import UserError
 from src.io import (array_fingerprint, check_output_folder, declared_classes, file_fingerprint, load_database,
                     provenance, write_json)
-from src.metrics import accuracy, auroc, balanced_accuracy, check_sizes, nearest_neighbours, privacy_metrics
+from src.metrics import (accuracy, auroc, balanced_accuracy, check_sizes, nearest_neighbours, privacy_metrics,
+                         random_rows)
 from src.naming import (create_db_command, database_dir, database_paths, release_hint,
                          release_path, result_paths, with_private_sidecar)
 from src.options import settings_record
@@ -160,6 +161,16 @@ def released_privacy(released_x: np.ndarray, data: ProbeData, seed: int, device:
             "average_mindistance_reference_space": reference_space_mindistance(released_x, data.train_x, device)}
 
 
+def privacy_rows(released_x: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """The rows privacy is measured on: all of a release up to `count` (the real train split's size), else
+    `count` of them by a seeded permutation. The neighbour metrics then compare sets of the real split's
+    size, as the online mode's first epoch does, and their all-pairs searches do not grow with the square
+    of a larger release (--dpg_factor); each per-row share is estimated without bias."""
+    if len(released_x) <= count:
+        return released_x
+    return released_x[random_rows(torch.arange(len(released_x)), count, seed).numpy()]
+
+
 def reference_space_mindistance(released_x: np.ndarray, train_x: np.ndarray, device: torch.device) -> float:
     """The reference's average minimum distance: the release z-scored with its own statistics, the real
     train set with its own, and only the first len(release) real vectors searched (two defects kept on purpose)."""
@@ -216,9 +227,10 @@ def run_probing(settings: ProbeSettings, data: ProbeData, training: TrainingSet,
     utility = {units: noisy_test_metrics(model, test_x, data.test_y, sorted({s for s, u in paths if u == units}),
                                          settings.seed, scales[units])
                for units in dict.fromkeys(units for _, units in paths)}
-    privacy = released_privacy(training.released_x, data, settings.seed, device)
-    common = {**privacy, **training.details, "num_classes": data.num_classes, **probe_record,
-              "probe_train_s": round(probe_train_s, 3),
+    measured = privacy_rows(training.released_x, len(data.train_x), settings.seed)
+    privacy = released_privacy(measured, data, settings.seed, device)
+    common = {**privacy, **training.details, "n_privacy": len(measured), "num_classes": data.num_classes,
+              **probe_record, "probe_train_s": round(probe_train_s, 3),
               "settings": settings_record(settings),
               "device": str(device),  # what --device auto resolved to: float results differ slightly between devices
               "inputs": data.inputs, **provenance()}
@@ -276,7 +288,7 @@ def online_training_set(settings: ProbeSettings, data: ProbeData, device: torch.
     return TrainingSet(anonymizer.flag(settings.release, online=True), source, epoch_x[:count].copy(),
                        epoch_y[:count].copy(), mean, std,
                        {**key, "zscore": "real train", "val": array_fingerprint(data.val_x, data.val_y)},
-                       {"n_released": len(epoch_x), "n_privacy": count, **dp_record(trained),
+                       {"n_released": len(epoch_x), **dp_record(trained),
                         **{f"{name}_epoch": value for name, value in whole_epoch.items()}})
 
 

@@ -142,6 +142,27 @@ def test_dp_probe_and_release_classify_a_mixture_at_epsilon_1():
     assert np.mean((test_x @ weight + bias).argmax(axis=1) == test_y) > 0.95
 
 
+def test_a_larger_release_samples_the_same_statistics_more_closely():
+    """--dpg_factor f: f times each noisy count, the same noise and accounting (sampling is post-processing),
+    and the release's class means nearer the statistics' (their sampling error shrinks as 1 / sqrt(f))."""
+    x, y, _, _ = mixture(500, 6, 3, seed=8)
+    inputs = ReleaseInputs(x.astype(np.float32), y, x[:0], y[:0], 3, Path("."))
+    making = radii(30.0, 30.0, 10.0, dpg_seeded_noise_not_private=True)
+    stats = statistics_of(x, y, 3, 1.0, making, seed=0)  # the noise both releases below draw
+    releases = {factor: GaussAnonymizer().make(inputs, GaussRelease(dpg_epsilon=1.0, dpg_factor=factor), making,
+                                               seed=0, device="cpu") for factor in (1, 10)}
+    errors = {}
+    for factor, release in releases.items():
+        assert np.bincount(release.labels, minlength=3).tolist() == (factor * stats.class_sizes()).tolist()
+        errors[factor] = np.abs(exact_statistics(release.embeddings, release.labels, 3).means - stats.means).max()
+    assert releases[10].details == releases[1].details  # the same accounting
+    assert errors[10] < errors[1] / 2
+    anonymizer = GaussAnonymizer()
+    assert anonymizer.flag(GaussRelease(dpg_epsilon=1.0, dpg_factor=10)) == "gauss-x10-dp1"
+    assert anonymizer.flag(GaussRelease(dpg_epsilon=1.0)) == "gauss-dp1"
+    assert anonymizer.parse_flag("gauss-x10-dp1") == GaussRelease(dpg_epsilon=1.0, dpg_factor=10)
+
+
 @pytest.mark.slow
 def test_scripts_write_a_dp_release_and_dp_probe_results(tmp_path):
     """anonymize.py --anonymizer gauss and probing.py --anonymizer lsq end to end on a small mixture."""
@@ -166,6 +187,11 @@ def test_scripts_write_a_dp_release_and_dp_probe_results(tmp_path):
         assert probed.returncode == 0, probed.stderr
     result = json.loads((tmp_path / "out" / "mix" / "mix_lsq-dp2-s42.json").read_text())
     assert result["dp_spent_epsilon"] <= 2 and result["accuracy"] > 80 and result["probe_train_s"] >= 0
+    larger = ["--anonymizer", "gauss", "--dpg_epsilon", "2", "--dpg_factor", "3"]
+    assert run("anonymize.py", *common, *larger).returncode == 0
+    assert run("probing.py", *common, "--output_root", str(tmp_path / "out"), *larger).returncode == 0
+    result = json.loads((tmp_path / "out" / "mix" / "mix_gauss-x3-dp2-s42.json").read_text())
+    assert abs(result["n_released"] - 3 * len(y)) < 3 * 60 and result["n_privacy"] == len(y)  # measured on N rows
     bad = x.copy().astype(np.float32)
     bad[0, 0] = np.inf
     save_database(folder / "train.npz", bad, y, {"stage": "create_db"})

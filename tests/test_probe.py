@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from src.evaluation import load_probe_data, noisy_test_metrics
+from src.evaluation import load_probe_data, noisy_test_metrics, privacy_rows
 from src.cli import UserError
 from src.io import save_database
 from src.metrics import auroc
@@ -130,6 +130,17 @@ def write_databases(root: Path, train_dim: int = 8, test_labels_offset: int = 0)
         x, y = gaussian_classes(n, dim=train_dim if split == "train" else 8, seed=seed)
         save_database(folder / f"{split}.npz", x, y + (test_labels_offset if split == "test" else 0), {"split": split})
     return folder
+
+
+def test_privacy_is_measured_on_a_seeded_subset_of_a_release_larger_than_the_real_split():
+    released = np.arange(60, dtype=np.float32).reshape(30, 2)  # rows in class order, as a sampled release
+    assert privacy_rows(released, 30, seed=0) is released and privacy_rows(released, 40, seed=0) is released
+    subset = privacy_rows(released, 10, seed=0)
+    assert subset.shape == (10, 2) and len({tuple(row) for row in subset}) == 10  # distinct rows of the release
+    assert {tuple(row) for row in subset} <= {tuple(row) for row in released}
+    assert subset[:, 0].max() >= 30  # drawn from the whole release, not its first rows
+    np.testing.assert_array_equal(subset, privacy_rows(released, 10, seed=0))
+    assert not np.array_equal(subset, privacy_rows(released, 10, seed=1))
 
 
 def test_load_probe_data_rejects_mismatched_dimensions(tmp_path):
