@@ -13,7 +13,7 @@ import dataclasses
 import numbers
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from src.cli import UserError, check_finite
 
@@ -128,18 +128,27 @@ def settings_record(settings: Any) -> dict[str, Any]:
     return record
 
 
-def result_keys(settings: Any) -> set[str]:
-    """Recorded keys whose values shape the results (see `changes_results`)."""
-    keys = set()
+def _result_fields(settings: Any) -> Iterator[tuple[dataclasses.Field, Any]]:
+    """(field, value) of every recorded setting that shapes the results (see `changes_results`)."""
     for f in dataclasses.fields(settings):
         value = getattr(settings, f.name)
         if value is None and f.metadata.get("nested"):
             continue
         if dataclasses.is_dataclass(value):
-            keys |= result_keys(value)
+            yield from _result_fields(value)
         elif f.metadata.get("changes_results", True):
-            keys.add(f.name)
-    return keys
+            yield f, value
+
+
+def result_keys(settings: Any) -> set[str]:
+    """Recorded keys whose values shape the results."""
+    return {f.name for f, _ in _result_fields(settings)}
+
+
+def default_result_keys(settings: Any) -> set[str]:
+    """Those of `result_keys` whose value is the option's default. An option is added with the default that
+    keeps what the code did before, so an output that does not record it was made as this default makes it."""
+    return {f.name for f, value in _result_fields(settings) if value == f.default}
 
 
 def _plain(value: Any) -> Any:

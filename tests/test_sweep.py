@@ -5,6 +5,7 @@ point (made current by writing its databases, in create_db's format, from the di
 pixels), two probes and two noise probes. Tests that run the real stage scripts are
 marked slow.
 """
+import dataclasses
 import json
 import os
 import re
@@ -182,6 +183,14 @@ def test_current_points_are_skipped_and_changes_make_them_stale(tmp_path, monkey
     record["settings"].update(seed=1, epochs=5)
     result.write_text(json.dumps(record))
     assert "epochs=5" in stale_reason(points["probe-digits-identity-s1"])
+    # a setting the output does not record (an option added since) counts as its default, and only that
+    del record["settings"]["epochs"]
+    result.write_text(json.dumps(record))
+    assert stale_reason(points["probe-digits-identity-s1"]) is None
+    longer = dataclasses.replace(points["probe-digits-identity-s1"],
+                                 settings={**points["probe-digits-identity-s1"].settings, "epochs": 5},
+                                 at_default=points["probe-digits-identity-s1"].at_default - {"epochs"})
+    assert "epochs=None" in stale_reason(longer)
     # changed embeddings make every probe that read them stale, but not the database itself
     test_db = database_dir(tmp_path / "database_root", "digits", BACKBONE) / "test.npz"
     embeddings, labels, meta = load_database(test_db)

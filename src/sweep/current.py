@@ -1,5 +1,6 @@
 """Whether a point's outputs are current: present, made with the settings the config asks
-for, from inputs that have not changed since (and, on request, by this code version)."""
+for (a setting an output does not record counts as its option's default), from inputs that have
+not changed since (and, on request, by this code version)."""
 from __future__ import annotations
 
 import json
@@ -60,6 +61,8 @@ def stale_reason(point: Point, rerun_other_code: bool = False) -> str | None:
         if not isinstance(settings, dict) or not isinstance(inputs, dict):
             return f"{output} records no settings or inputs"
         for key, wanted in point.settings.items():
+            if key not in settings and key in point.at_default:
+                continue  # an option added since this output was made, at the default that keeps the old behaviour
             if key not in settings or not same_setting(settings[key], wanted):
                 return f"{output} has {key}={settings.get(key)!r}, the config sets {wanted!r}"
         if rerun_other_code and record.get("code_version") != code_version():

@@ -16,7 +16,7 @@ from typing import Any
 
 from src.cli import UserError
 from src.naming import dataset_dirname
-from src.options import command_flags, flag_value, option_fields, result_keys, settings_record
+from src.options import command_flags, default_result_keys, flag_value, option_fields, result_keys, settings_record
 from src.settings import AttackSettings, CreateDbSettings, ProbeTraining
 from src.anonymizers.base import ONLINE_SUFFIX
 from src.sweep.config import REPO_ROOT, AnonymizerGrid, SweepConfig, grid_settings, settings_objects
@@ -36,6 +36,7 @@ class Point:
     outputs: list[Path]  # relative to the repo root unless absolute
     settings: dict[str, object]  # the recorded settings every output must have (those that shape results)
     deps: list[str] = field(default_factory=list)
+    at_default: frozenset[str] = frozenset()  # those of `settings` at their option's default
 
 
 def stage_script(script: str) -> ModuleType:
@@ -59,7 +60,7 @@ def make_point(name: str, stage: str, command: list[str], deps: list[str]) -> Po
         raise UserError(f"point {name}: {command[0]} refused {' '.join(command[1:])}") from exit_info
     record = settings_record(settings)
     return Point(name, stage, command, script.outputs(settings), {key: record[key] for key in result_keys(settings)},
-                 deps)
+                 deps, frozenset(default_result_keys(settings)))
 
 
 def anonymizer_flags(grid: AnonymizerGrid, combination: dict[str, Any]) -> tuple[list[str], str]:
