@@ -18,8 +18,12 @@ from src.cli import SEED_LIMIT, UserError
 from src.options import Settings, option
 
 NOISE_UNITS = ("released", "real")  # test noise in the released set's z-units (the reference) or the real train's
-# Device names every stage and the sweep accept: torch resolves them (src.runtime.resolve_device).
-DEVICE = (r"auto|cpu|mps|cuda(?::[0-9]+)?", "give auto (CUDA, else MPS, else CPU), cpu, mps, cuda or cuda:N")
+DEVICES = "auto (CUDA, else MPS, else CPU), cpu, mps, cuda or cuda:N"
+
+
+def device_option() -> Any:
+    """The --device flag every stage and the sweep take: torch resolves it (src.runtime.resolve_device)."""
+    return option("auto", DEVICES, changes_results=False, pattern=(r"auto|cpu|mps|cuda(?::[0-9]+)?", f"give {DEVICES}"))
 
 
 def nested(factory: type | None = None) -> Any:
@@ -37,8 +41,7 @@ class StageSettings(Settings):
     dataset: str = option(None, "registry name, e.g. breastmnist, digits, imagefolder:PATH", kind=str, required=True)
     backbone: str = option(PAPER_BACKBONE, "timm name of the backbone that made the databases")
     seed: int = option(42, "seed of everything random in the run", minimum=0, maximum=SEED_LIMIT - 1)
-    device: str = option("auto", "auto (CUDA, else MPS, else CPU), cpu, mps, cuda or cuda:N", changes_results=False,
-                         pattern=DEVICE)
+    device: str = device_option()
     database_root: Path = option(DEFAULT_ROOTS["database_root"], "where the databases are", changes_results=False)
     ckpt_root: Path = option(DEFAULT_ROOTS["ckpt_root"], "where trained models are cached", changes_results=False)
 
@@ -59,8 +62,7 @@ class CreateDbSettings(Settings):
     batch_size: int = option(128, "images per forward pass", changes_results=False, minimum=1)
     num_workers: int = option(min(8, os.cpu_count() or 1), "image-decoding worker processes", changes_results=False,
                              minimum=0)
-    device: str = option("auto", "auto (CUDA, else MPS, else CPU), cpu, mps, cuda or cuda:N", changes_results=False,
-                         pattern=DEVICE)
+    device: str = device_option()
     seed: int = option(42, "seed (names a random initialisation)", minimum=0, maximum=SEED_LIMIT - 1)
     dataset_root: Path = option(DEFAULT_ROOTS["dataset_root"], "where the datasets are", changes_results=False)
     database_root: Path = option(DEFAULT_ROOTS["database_root"], "where the databases go", changes_results=False)
