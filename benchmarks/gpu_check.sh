@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One prepared check for a lent GPU machine (no internet there): the CUDA tests, the four
-# benchmarks at their GPU settings, and k-Same at N = 100,000; then one summary table.
+# One prepared check for a lent GPU machine (no internet there): the CUDA tests, the five
+# benchmarks at their GPU settings, and k-Same at N = 100,000; then one summary table. It needs
+# the project's requirements (a machine with torch, timm and scikit-learn but no medmnist or
+# opacus: install their wheels first).
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root; logs under $OUT (or a temp folder)
 #
 # Each step has its own time limit, so one hang cannot lose the rest; the limits add up to
-# under 9 minutes. Without a CUDA GPU every CUDA step is skipped with a line saying so, and
+# 555 s, under 10 minutes. Without a CUDA GPU every CUDA step is skipped with a line saying so, and
 # the script exits 0. The create_db benchmark builds its backbone with random weights
 # (pretrained=False), so no download is needed.
 set -u
@@ -46,10 +48,11 @@ step cuda_tests 75 "$PYTHON" -m pytest -q -m cuda tests/test_cuda.py
 step bench_ksame 60 "$PYTHON" benchmarks/bench_ksame.py --device cuda --sizes 5000 20000 --k 5 \
     --skip-reference-above 5000
 step ksame_100k 90 "$PYTHON" benchmarks/bench_ksame.py --device cuda --sizes 100000 --k 5 --skip-reference-above 0
-step bench_create_db 120 "$PYTHON" benchmarks/bench_create_db.py --backbone vit_base_patch14_dinov2 --img_size 518 \
+step bench_create_db 90 "$PYTHON" benchmarks/bench_create_db.py --backbone vit_base_patch14_dinov2 --img_size 518 \
     --num_images 4096 --reference_images 512 --device cuda
 step bench_cvae 120 "$PYTHON" benchmarks/bench_cvae.py --device cuda --skip-reference-above 5000
 step bench_probe 60 "$PYTHON" benchmarks/bench_probe.py --device cuda
+step bench_dp_cvae 60 "$PYTHON" benchmarks/bench_dp_cvae.py --size 10000 --epochs 3 --device cuda
 
 echo
 echo "Summary (logs in $LOGS)"
