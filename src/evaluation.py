@@ -161,13 +161,14 @@ def released_privacy(released_x: np.ndarray, data: ProbeData, seed: int, device:
             "average_mindistance_reference_space": reference_space_mindistance(released_x, data.train_x, device)}
 
 
-def privacy_rows(released_x: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """The rows privacy is measured on: all of a release up to `count` (the real train split's size), else
-    `count` of them by a seeded permutation. The neighbour metrics then compare sets of the real split's
-    size, as the online mode's first epoch does, and their all-pairs searches do not grow with the square
-    of a larger release (--dpg_factor); each per-row share is estimated without bias."""
-    if len(released_x) <= count:
+def privacy_rows(released_x: np.ndarray, samples_per_record: int, seed: int) -> np.ndarray:
+    """The rows privacy is measured on: a release sampled f times per record (--dpg_factor f) on 1/f of its
+    rows by a seeded permutation, any other release whole. The neighbour metrics then compare sets of the
+    size a one-sample release has, as the online mode measures its first N samples, and their all-pairs
+    searches do not grow with the square of f; each per-row share is estimated without bias."""
+    if samples_per_record == 1:
         return released_x
+    count = len(released_x) // samples_per_record
     return released_x[random_rows(torch.arange(len(released_x)), count, seed).numpy()]
 
 
@@ -227,7 +228,7 @@ def run_probing(settings: ProbeSettings, data: ProbeData, training: TrainingSet,
     utility = {units: noisy_test_metrics(model, test_x, data.test_y, sorted({s for s, u in paths if u == units}),
                                          settings.seed, scales[units])
                for units in dict.fromkeys(units for _, units in paths)}
-    measured = privacy_rows(training.released_x, len(data.train_x), settings.seed)
+    measured = privacy_rows(training.released_x, anonymizer.samples_per_record(settings.release), settings.seed)
     privacy = released_privacy(measured, data, settings.seed, device)
     common = {**privacy, **training.details, "n_privacy": len(measured), "num_classes": data.num_classes,
               **probe_record, "probe_train_s": round(probe_train_s, 3),

@@ -132,15 +132,15 @@ def write_databases(root: Path, train_dim: int = 8, test_labels_offset: int = 0)
     return folder
 
 
-def test_privacy_is_measured_on_a_seeded_subset_of_a_release_larger_than_the_real_split():
+def test_privacy_is_measured_on_a_seeded_share_of_a_release_sampled_more_than_once_per_record():
     released = np.arange(60, dtype=np.float32).reshape(30, 2)  # rows in class order, as a sampled release
-    assert privacy_rows(released, 30, seed=0) is released and privacy_rows(released, 40, seed=0) is released
-    subset = privacy_rows(released, 10, seed=0)
+    assert privacy_rows(released, 1, seed=0) is released  # one sample per record: all of it, noisy size or not
+    subset = privacy_rows(released, 3, seed=0)
     assert subset.shape == (10, 2) and len({tuple(row) for row in subset}) == 10  # distinct rows of the release
     assert {tuple(row) for row in subset} <= {tuple(row) for row in released}
     assert subset[:, 0].max() >= 30  # drawn from the whole release, not its first rows
-    np.testing.assert_array_equal(subset, privacy_rows(released, 10, seed=0))
-    assert not np.array_equal(subset, privacy_rows(released, 10, seed=1))
+    np.testing.assert_array_equal(subset, privacy_rows(released, 3, seed=0))
+    assert not np.array_equal(subset, privacy_rows(released, 3, seed=1))
 
 
 def test_load_probe_data_rejects_mismatched_dimensions(tmp_path):

@@ -167,6 +167,11 @@ class Anonymizer:
     def make(self, inputs: ReleaseInputs, release: Any, making: Any, seed: int, device: Any) -> Release:
         raise NotImplementedError
 
+    def samples_per_record(self, release: Any) -> int:
+        """Released rows per record of the real split (f for a release sampled f times per record); the
+        probes measure privacy on a 1/f share of the release, as many rows as f = 1 would give."""
+        return 1
+
     def sampler(self, inputs: ReleaseInputs, release: Any, making: Any, online: Any, seed: int,
                 device: Any) -> tuple[Any, dict, dict]:
         """With an online mode: `epoch -> (x, y)` fresh samples each epoch, what identifies it for a probe

@@ -75,6 +75,9 @@ class GaussAnonymizer(Anonymizer):
                                               np.random.default_rng(seed))
         return Release(embeddings.astype(np.float32), labels, {"dp": stats.dp} if stats.dp else {})
 
+    def samples_per_record(self, release: GaussRelease) -> int:
+        return release.dpg_factor
+
 
 def sample_gaussians(means: np.ndarray, covariance: np.ndarray, sizes: np.ndarray,
                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
