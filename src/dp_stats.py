@@ -13,9 +13,10 @@ Both read the private train split in three rounds, under add/remove-one adjacenc
    to `residual_clip`, and the pooled sum of their outer products (Frobenius sensitivity
    `residual_clip`^2; the upper triangle is noised and mirrored).
 Each round depends on the earlier ones only through their output, so the rounds compose adaptively.
-The budget is split by fixed shares of one Gaussian mechanism's Renyi DP (`noise_multipliers`),
-and the ledger composes exactly what ran. Nothing released depends on N but through the noisy
-counts (only the refusal of a delta >= 1/N reads N, and it releases nothing).
+The budget is split by fixed shares of one Gaussian mechanism's mu^2 (`noise_multipliers`), and
+the ledger composes exactly what ran: four Gaussian mechanisms are exactly one (`src.ledger`, GDP).
+Nothing released depends on N but through the noisy counts (only the refusal of a delta >= 1/N
+reads N, and it releases nothing).
 """
 from __future__ import annotations
 
@@ -82,8 +83,8 @@ def clip_rows(x: np.ndarray, radius: float) -> np.ndarray:
 
 
 def noise_multipliers(epsilon: float, delta: float, shares: dict[str, float]) -> dict[str, float]:
-    """One noise multiplier per statistic: Gaussian mechanisms with z_i = z / sqrt(share_i) have Renyi DP
-    sum_i share_i * alpha / (2 z^2), that of one mechanism with multiplier z, calibrated to (epsilon, delta)."""
+    """One noise multiplier per statistic: Gaussian mechanisms with z_i = z / sqrt(share_i) compose to
+    sum_i share_i / z^2 = 1 / z^2, exactly one mechanism with multiplier z, calibrated to (epsilon, delta)."""
     z = gaussian_noise_multiplier(epsilon, delta)
     return {name: z / math.sqrt(share) for name, share in shares.items()}
 

@@ -11,8 +11,11 @@ mechanisms that read the private split in its metadata (`meta["dp"]["mechanisms"
 
 `spent_epsilon` composes any list of them (one release's, or every release of one split) by Renyi DP:
 orders add under composition (Mironov 2017), and the total is converted to (epsilon, delta) by opacus's
-conversion. Pure-DP parts may instead add their epsilons to the rest by basic composition; both bounds
-hold, so the smaller is reported.
+conversion. Plain Gaussian mechanisms alone compose exactly instead: m mechanisms with multipliers z_i
+are together mu-GDP with mu^2 = sum 1 / z_i^2, and mu-GDP's (epsilon, delta) curve is exact (Dong, Roth
+and Su 2022), where Renyi DP's conversion overstates epsilon (at epsilon 1, delta 1e-5 one mechanism
+needs z = 3.73 exactly against 4.05 by Renyi DP). Pure-DP parts may instead add their epsilons to the rest
+by basic composition. Every bound holds, so the smallest is reported.
 """
 from __future__ import annotations
 
@@ -70,15 +73,46 @@ def rdp_epsilon(mechanisms: list[dict], delta: float) -> float:
     return max(0.0, float(epsilon))
 
 
+def normal_cdf(t: float) -> float:
+    """Phi(t), accurate in the far lower tail (erfc keeps its relative precision there)."""
+    return 0.5 * math.erfc(-t / math.sqrt(2))
+
+
+def gdp_delta(epsilon: float, mu: float) -> float:
+    """delta(epsilon) of a mu-GDP mechanism (Dong, Roth and Su 2022, Corollary 2.13): exact for the
+    Gaussian mechanism with noise 1/mu times its sensitivity (Balle and Wang 2018)."""
+    upper = normal_cdf(-epsilon / mu - mu / 2)
+    return normal_cdf(-epsilon / mu + mu / 2) - (math.exp(epsilon + math.log(upper)) if upper > 0 else 0.0)
+
+
+def gdp_epsilon(gaussians: list[dict], delta: float) -> float:
+    """The exact epsilon at `delta` of plain Gaussian mechanisms composed (mu^2 = sum count / z^2): the
+    smallest epsilon with gdp_delta(epsilon) <= delta, by bisection to 1e-12 and rounded up."""
+    mu = math.sqrt(sum(m["count"] / m["noise_multiplier"] ** 2 for m in gaussians))
+    if mu == 0 or gdp_delta(0.0, mu) <= delta:
+        return 0.0
+    low, high = 0.0, 1.0
+    while gdp_delta(high, mu) > delta:
+        low, high = high, 2 * high
+    while high - low > 1e-12 * high:
+        middle = (low + high) / 2
+        low, high = (middle, high) if gdp_delta(middle, mu) > delta else (low, middle)
+    return high
+
+
 def spent_epsilon(mechanisms: list[dict], delta: float) -> float:
-    """The epsilon at `delta` of all the mechanisms together: Renyi composition of all of them, or of the
-    approximate-DP ones plus the pure epsilons by basic composition, whichever is smaller."""
+    """The epsilon at `delta` of all the mechanisms together: the smallest of Renyi composition of all of
+    them, of the approximate-DP ones plus the pure epsilons by basic composition, and (when the
+    approximate-DP ones are all plain Gaussian) their exact GDP composition plus the pure epsilons."""
     if not 0 < delta < 1:
         raise ValueError(f"delta {delta} must lie strictly between 0 and 1")
     pure = [mechanism for mechanism in mechanisms if mechanism["mechanism"] == "laplace"]
     rest = [mechanism for mechanism in mechanisms if mechanism["mechanism"] != "laplace"]
-    basic = rdp_epsilon(rest, delta) + sum(mechanism["epsilon"] for mechanism in pure)
-    return min(rdp_epsilon(mechanisms, delta), basic)
+    pure_epsilon = sum(mechanism["epsilon"] for mechanism in pure)
+    bounds = [rdp_epsilon(mechanisms, delta), rdp_epsilon(rest, delta) + pure_epsilon]
+    if all(mechanism["mechanism"] == "gaussian" for mechanism in rest):
+        bounds.append(gdp_epsilon(rest, delta) + pure_epsilon)
+    return min(bounds)
 
 
 def noise_multiplier(epsilon: float, delta: float, mechanism: Callable[[float], dict],

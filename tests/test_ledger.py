@@ -33,11 +33,26 @@ def test_subsampled_gaussian_matches_opacus_accountant(sample_rate, noise_multip
 
 
 @pytest.mark.parametrize("noise_multiplier", [0.7, 2.0, 8.0])
-def test_gaussian_mechanism_bound_holds_and_is_close_to_exact(noise_multiplier):
+def test_gaussian_mechanism_is_accounted_exactly(noise_multiplier):
     delta = 1e-5
     epsilon = spent_epsilon([{"mechanism": "gaussian", "noise_multiplier": noise_multiplier, "count": 1}], delta)
     assert exact_gaussian_delta(epsilon, noise_multiplier) <= delta  # a valid bound
-    assert exact_gaussian_delta(0.7 * epsilon, noise_multiplier) > delta  # and not loose by more than 30 %
+    assert exact_gaussian_delta(epsilon * (1 - 1e-6), noise_multiplier) > delta  # and the exact one
+    renyi = spent_epsilon([{"mechanism": "subsampled_gaussian", "noise_multiplier": noise_multiplier,
+                            "sample_rate": 1.0, "steps": 1}], delta)  # the same mechanism, by Renyi DP
+    assert epsilon < renyi
+
+
+@pytest.mark.parametrize("multipliers", [(3.0, 3.0, 3.0, 3.0), (2.0, 5.0, 9.0), (0.9,)])
+def test_gaussian_mechanisms_compose_as_one_with_the_root_sum_of_their_inverse_squares(multipliers):
+    """k Gaussian mechanisms, adaptively composed, are exactly one with 1 / z^2 = sum 1 / z_i^2: their
+    privacy-loss variables are Gaussians whose means and variances add (Dong, Roth and Su 2022)."""
+    separate = [{"mechanism": "gaussian", "noise_multiplier": z, "count": 1} for z in multipliers]
+    merged = 1 / math.sqrt(sum(1 / z ** 2 for z in multipliers))
+    epsilon = spent_epsilon(separate, 1e-5)
+    assert exact_gaussian_delta(epsilon, merged) <= 1e-5 < exact_gaussian_delta(epsilon * (1 - 1e-6), merged)
+    counted = {"mechanism": "gaussian", "noise_multiplier": multipliers[0], "count": len(multipliers)}
+    assert spent_epsilon([counted], 1e-5) == spent_epsilon([separate[0]] * len(multipliers), 1e-5)
 
 
 @pytest.mark.parametrize("epsilon", [0.1, 1.0, 5.0])
