@@ -11,7 +11,7 @@ Both read the private train split in three rounds, under add/remove-one adjacenc
    most `mean_clip`): class means c + sum / count;
 2. around the released class means (public after round 1), each record's residual clipped
    to `residual_clip`, and the pooled sum of their outer products (Frobenius sensitivity
-   `residual_clip`^2; the upper triangle is noised and mirrored).
+   `residual_clip`^2; the whole matrix is noised, then symmetrised: `symmetric_noise`).
 Each round depends on the earlier ones only through their output, so the rounds compose adaptively.
 The budget is split by fixed shares of one Gaussian mechanism's mu^2 (`noise_multipliers`), and
 the ledger composes exactly what ran: four Gaussian mechanisms are exactly one (`src.ledger`, GDP).
@@ -52,12 +52,12 @@ class NoisyStatistics:
 
     def covariance(self) -> np.ndarray:
         """Pooled within-class covariance: the noisy scatter over the noisy total count, made positive
-        definite by raising every eigenvalue to a quarter of the noise's spectral norm 2 sqrt(D) std
+        definite by raising every eigenvalue to a quarter of the noise's spectral norm sqrt(2 D) std
         (public: it depends only on the noise multiplier, the clip and D; on the digits a quarter
-        beat 1/10, 1/2, 1 and 2), which the noise would otherwise push below 0."""
+        matched 1/10 and beat 1/2 and 1), which the noise would otherwise push below 0."""
         total = max(float(self.counts.sum()), 1.0)
         values, vectors = np.linalg.eigh(self.scatter / total)
-        floor = 0.25 * self.scatter_noise_std * 2 * math.sqrt(len(values)) / total
+        floor = 0.25 * self.scatter_noise_std * math.sqrt(2 * len(values)) / total
         return (vectors * np.maximum(values, floor)) @ vectors.T
 
 
@@ -95,9 +95,12 @@ def noise_rng(seed: int | None) -> np.random.Generator:
 
 
 def symmetric_noise(dim: int, std: float, rng: np.random.Generator) -> np.ndarray:
-    """A symmetric D x D matrix whose upper triangle (diagonal included) is iid N(0, std^2)."""
-    upper = np.triu(rng.normal(0.0, std, (dim, dim)))
-    return upper + np.triu(upper, 1).T
+    """(G + G^T) / 2 for G of iid N(0, std^2): the Gaussian mechanism on the whole D x D matrix (its
+    Frobenius sensitivity), then symmetrised, which is post-processing. The diagonal keeps std, the
+    off-diagonal gets std / sqrt(2): half the variance of noising the upper triangle alone and
+    mirroring it, at the same sensitivity and budget."""
+    full = rng.normal(0.0, std, (dim, dim))
+    return (full + full.T) / 2
 
 
 def class_sums(x: np.ndarray, onehot: np.ndarray, mean_clip: float) -> np.ndarray:

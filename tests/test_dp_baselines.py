@@ -19,7 +19,8 @@ import pytest
 from src.anonymizers.dp_gaussian import GaussAnonymizer, GaussMaking, GaussRelease, sample_gaussians
 from src.anonymizers.dp_probe import least_squares
 from src.anonymizers.base import ReleaseInputs
-from src.dp_stats import class_sums, clip_rows, exact_statistics, noisy_statistics, residual_scatter, statistics_of
+from src.dp_stats import (class_sums, clip_rows, exact_statistics, noisy_statistics, residual_scatter, statistics_of,
+                          symmetric_noise)
 from src.io import load_database, save_database
 
 pytest.importorskip("opacus")
@@ -78,6 +79,19 @@ def test_each_statistic_moves_at_most_its_sensitivity_when_one_record_is_added()
         moves.append((sums_move, scatter_move))
     assert moves[-1] == pytest.approx((mean_clip, residual_clip ** 2))  # the bound is reached: the clip acts
     np.testing.assert_allclose(np.linalg.norm(clip_rows(x * 50, 3.0), axis=1), 3.0)
+
+
+def test_scatter_noise_is_the_symmetrised_whole_matrix_mechanism():
+    """The scatter's noise is (G + G^T) / 2 with G iid N(0, std^2) over the whole matrix, whose Frobenius
+    sensitivity the previous test bounds: std on the diagonal, std / sqrt(2) off it, and the spectral
+    norm sqrt(2 D) std of the semicircle law's edge, which the covariance floor is a quarter of."""
+    std, dim = 3.0, 300
+    noise = symmetric_noise(dim, std, np.random.default_rng(7))
+    np.testing.assert_array_equal(noise, noise.T)
+    off = noise[np.triu_indices(dim, 1)]
+    assert np.std(np.diag(noise)) == pytest.approx(std, rel=0.1)
+    assert np.std(off) == pytest.approx(std / math.sqrt(2), rel=0.01)
+    assert np.linalg.norm(noise, 2) == pytest.approx(math.sqrt(2 * dim) * std, rel=0.05)
 
 
 def test_noise_is_secret_unless_seeded_and_non_finite_input_is_refused():
