@@ -213,15 +213,17 @@ def run_probing(settings: ProbeSettings, data: ProbeData, training: TrainingSet,
     checkpoint = probe_checkpoint_path(database_dir(settings.ckpt_root, settings.dataset, settings.backbone) / "probe",
                                        settings.training, settings.seed, data.num_classes, training.key)
     anonymizer = get_anonymizer(settings.anonymizer)
-    start = time.perf_counter()
     if anonymizer.fits_probe:
+        start = time.perf_counter()
         model, probe_record = fitted_probe(anonymizer, settings, data, device)
+        probe_train_s = time.perf_counter() - start
     else:
         model, history = train_probe(source, val_x, torch.from_numpy(data.val_y).to(device), data.num_classes,
                                      settings.training, device, settings.seed, checkpoint)
         probe_record = {"probe": {"best_epoch": history["best_epoch"], "epochs_run": len(history["val_loss"]),
-                                  "best_val_loss": min(history["val_loss"])}}
-    probe_train_s = time.perf_counter() - start
+                                  "best_val_loss": min(history["val_loss"]),
+                                  "from_checkpoint": history["from_checkpoint"]}}
+        probe_train_s = history["train_s"]  # when it was trained, also for a probe loaded from its checkpoint
 
     scales = {units: noise_scale(unit_std, training.std, device) for units, unit_std in
               (("released", zscore_stats(training.released_x)[1]), ("real", zscore_stats(data.train_x)[1]))}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Union
@@ -75,10 +76,12 @@ def validation_loss(model: nn.Linear, x: torch.Tensor, y: torch.Tensor, block_si
 def train_probe(train_source: TrainSource, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int,
                 training: ProbeTraining, device: torch.device, seed: int,
                 checkpoint: Path | None = None) -> tuple[nn.Linear, dict]:
-    """Train a linear probe; return it in eval mode with the best validation weights, and its history.
+    """Train a linear probe; return it in eval mode with the best validation weights, and its history
+    (with "train_s", the seconds its training took, and "from_checkpoint").
 
-    With `checkpoint` set, an existing file is loaded instead of training, and a new
-    probe is saved there. Everything stays float32: the layer is too small for bf16 to pay.
+    With `checkpoint` set, an existing file is loaded instead of training, and a new probe is saved
+    there; a file without "train_s" (older code) is trained again, so that every result can report its
+    probe's training time. Everything stays float32: the layer is too small for bf16 to pay.
     """
     val_x, val_y = val_x.to(device, torch.float32), val_y.to(device, torch.long)
     model = seeded_linear(val_x.shape[1], num_classes, seed).to(device)
@@ -94,14 +97,15 @@ def train_probe(train_source: TrainSource, val_x: torch.Tensor, val_y: torch.Ten
         if best_epoch < 0:  # written before untrained probes were refused
             raise UserError(f"probe checkpoint {checkpoint} holds a probe that never reached a finite validation "
                             "loss; delete it to retrain")
-        return model.eval(), history
+        if "train_s" in history:
+            return model.eval(), {**history, "from_checkpoint": True}
 
     with one_cpu_thread():
         model, history = _fit(model, train_source, val_x, val_y, training, device, seed)
     if checkpoint is not None:
         with atomic_path(Path(checkpoint)) as tmp:
             torch.save({"state_dict": model.state_dict(), "history": history, **provenance()}, tmp)
-    return model.eval(), history
+    return model.eval(), {**history, "from_checkpoint": False}
 
 
 def _fit(model: nn.Linear, train_source: TrainSource, val_x: torch.Tensor, val_y: torch.Tensor,
@@ -110,6 +114,7 @@ def _fit(model: nn.Linear, train_source: TrainSource, val_x: torch.Tensor, val_y
     optimizer = torch.optim.Adam(model.parameters(), lr=training.lr, weight_decay=WEIGHT_DECAY, fused=True)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=LR_PATIENCE, min_lr=MIN_LR)
     shuffle_generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
     history: dict = {"train_loss": [], "val_loss": [], "lr": []}
     best_loss, best_state, best_epoch = float("inf"), copy.deepcopy(model.state_dict()), -1
     for epoch in (bar := tqdm(range(training.epochs), desc="probe", leave=False, disable=None)):
@@ -130,6 +135,7 @@ def _fit(model: nn.Linear, train_source: TrainSource, val_x: torch.Tensor, val_y
                         "lower -l/--lr or check the embeddings for extreme values")
     model.load_state_dict(best_state)
     history["best_epoch"] = best_epoch
+    history["train_s"] = time.perf_counter() - start
     return model, history
 
 

@@ -106,7 +106,15 @@ def test_checkpoint_is_reused_only_for_the_same_key(tmp_path):
         raise AssertionError("a saved probe should be loaded, not retrained")
 
     loaded, loaded_history = train_probe(must_not_train, *tensors(*val), 3, config, CPU, 0, checkpoint=path)
-    assert torch.equal(trained.weight, loaded.weight) and loaded_history == history
+    assert torch.equal(trained.weight, loaded.weight)
+    assert not history["from_checkpoint"] and loaded_history["from_checkpoint"] and history["train_s"] > 0
+    assert loaded_history == {**history, "from_checkpoint": True}  # its training time too, not the load's
+
+    saved = torch.load(path, weights_only=True)
+    del saved["history"]["train_s"]  # a checkpoint of older code: it is trained again
+    torch.save(saved, path)
+    _, again = train_probe(tensors(*train), *tensors(*val), 3, config, CPU, 0, checkpoint=path)
+    assert not again["from_checkpoint"] and "train_s" in torch.load(path, weights_only=True)["history"]
 
     path.write_bytes(b"truncated")
     with pytest.raises(UserError, match="probe checkpoint .* delete it"):
