@@ -30,6 +30,7 @@ from src.cli import UserError
 from src.ledger import ADJACENCY, gaussian_noise_multiplier, spent_epsilon
 
 STATISTICS = ("counts", "centre", "sums", "scatter")
+COVARIANCE_FLOOR = 0.25  # share of the noise's spectral norm; chosen on the digits (python -m src.dp_tune)
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,14 @@ class NoisyStatistics:
         """Noisy counts rounded to records, at least 0: the release's per-class sizes."""
         return np.maximum(np.rint(self.counts), 0).astype(np.int64)
 
-    def covariance(self) -> np.ndarray:
+    def covariance(self, floor_share: float = COVARIANCE_FLOOR) -> np.ndarray:
         """Pooled within-class covariance: the noisy scatter over the noisy total count, made positive
-        definite by raising every eigenvalue to a quarter of the noise's spectral norm sqrt(2 D) std
-        (public: it depends only on the noise multiplier, the clip and D; on the digits a quarter
-        matched 1/10 and beat 1/2 and 1), which the noise would otherwise push below 0."""
+        definite by raising every eigenvalue to `floor_share` of the noise's spectral norm sqrt(2 D) std
+        (public: it depends only on the noise multiplier, the clip and D), which the noise would
+        otherwise push below 0."""
         total = max(float(self.counts.sum()), 1.0)
         values, vectors = np.linalg.eigh(self.scatter / total)
-        floor = 0.25 * self.scatter_noise_std * math.sqrt(2 * len(values)) / total
+        floor = floor_share * self.scatter_noise_std * math.sqrt(2 * len(values)) / total
         return (vectors * np.maximum(values, floor)) @ vectors.T
 
 

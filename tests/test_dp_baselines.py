@@ -213,3 +213,44 @@ def test_scripts_write_a_dp_release_and_dp_probe_results(tmp_path):
     refused = run("anonymize.py", *common, "--anonymizer", "gauss", "--dpg_epsilon", "2")
     assert refused.returncode == 2 and refused.stderr.startswith("error:") and "NaN or inf" in refused.stderr
     assert refused.stderr.count("\n") == 1 and not (folder / "train_gauss-dp2-s42.npz").exists()
+
+
+def test_tuning_tool_scores_every_setting_against_ridge_least_squares_on_the_rows(tmp_path):
+    """python -m src.dp_tune on a public database in the real format: with all records inside every radius
+    and the noise negligible, every row is the exact ridge least squares' accuracy; at a small epsilon the
+    noise shows; bad input is refused with one line."""
+    from src.anonymizers.dp_probe import RIDGE
+    from src.dp_tune import GRID
+
+    (x, y, _, _), (test_x, test_y, _, _) = (mixture(n, 16, 3, seed=8, sample_seed=draw, spread=0.3)
+                                            for n, draw in ((2000, 0), (200, 1)))
+    x, test_x = 0.1 * x, 0.1 * test_x  # norms under 1: inside every radius GRID tries; classes overlap
+    folder = tmp_path / "db" / "public" / "b"
+    for split, (xs, ys) in {"train": (x, y), "test": (test_x, test_y)}.items():
+        save_database(folder / f"{split}.npz", xs.astype(np.float32), ys, {"stage": "create_db"})
+    x = x.astype(np.float32).astype(np.float64)
+    centred = x - x.mean(axis=0)
+    onehot = np.eye(3)[y]
+    weight = np.linalg.solve(centred.T @ centred / len(x) + RIDGE * np.eye(16), centred.T @ onehot / len(x))
+    bias = onehot.mean(axis=0) - x.mean(axis=0) @ weight
+    exact = 100 * np.mean((test_x.astype(np.float32) @ weight + bias).argmax(axis=1) == test_y)
+
+    def accuracies(*args: str) -> list[float]:
+        run = subprocess.run([sys.executable, "-m", "src.dp_tune", "--dataset", "public", "--backbone", "b",
+                              "--database_root", str(tmp_path / "db"), "--draws", "2", *args],
+                             cwd=REPO, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| dpg_") or
+                line.startswith("| covariance")]
+        assert len(rows) == sum(map(len, GRID.values())) and sum("(default)" in row[2] for row in rows) == len(GRID)
+        return [float(row[3].split("±")[0]) for row in rows]
+
+    assert 60 < exact < 90
+    assert accuracies("--epsilon", "1e5") == pytest.approx([exact] * sum(map(len, GRID.values())), abs=1.0)
+    assert np.mean(accuracies("--epsilon", "0.05")) < exact - 5
+    for args, message in ((["--epsilon", "0"], "--epsilon 0: give a finite number above 0"),
+                          (["--epsilon", "1", "--dataset", "absent"], "missing database")):
+        refused = subprocess.run([sys.executable, "-m", "src.dp_tune", "--dataset", "public", "--backbone", "b",
+                                  "--database_root", str(tmp_path / "db"), *args], cwd=REPO, capture_output=True,
+                                 text=True)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and message in refused.stderr
