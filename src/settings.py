@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from src.anonymizers import ANONYMIZERS, ONLINE, get_anonymizer, offering
+from src.anonymizers import ANONYMIZERS, get_anonymizer, no_online_mode
 from src.defaults import DEFAULT_ROOTS, PAPER_BACKBONE
 from src.cli import SEED_LIMIT, UserError
 from src.options import Settings, option
@@ -142,8 +142,7 @@ class AttackSettings(StageSettings):
             if value % 2:
                 raise UserError(f"{flag} {value}: give an even number, so that exactly half are members")
         if self.online and get_anonymizer(self.anonymizer).Online is None:
-            raise UserError(f"--online: --anonymizer {self.anonymizer} has no online mode, so no released model to "
-                            f"attack; choose one of {', '.join(offering(ONLINE))} or drop --online")
+            raise UserError(f"--online: {no_online_mode(self.anonymizer)}, or drop --online")
         _check_anonymizer_settings(self.anonymizer, release=self.release, making=self.making)
 
 

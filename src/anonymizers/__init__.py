@@ -91,12 +91,16 @@ def add_anonymizer_options(parser: argparse.ArgumentParser, parts: tuple[str, ..
                         given_only=True)
 
 
+def no_online_mode(name: str) -> str:
+    """The refusal of an anonymizer without an online mode where one is needed (one wording everywhere)."""
+    return f"--anonymizer {name} has no online mode; choose one of {', '.join(offering(ONLINE))}"
+
+
 def anonymizer_settings(anonymizer: Anonymizer, args: argparse.Namespace, parts: tuple[str, ...]) -> dict[str, Any]:
     """The nested settings objects of one anonymizer (by part), built from parsed flags; a flag given that only
     other anonymizers take is refused, so that a run never silently ignores what the user asked for."""
     if anonymizer.name not in offering(parts):
-        raise UserError(f"--anonymizer {anonymizer.name} has no online mode; choose one of "
-                        f"{', '.join(offering(parts))}")
+        raise UserError(no_online_mode(anonymizer.name))
     classes = _settings_classes(anonymizer, parts)
     own = {f.name for settings_class in classes.values() for f in option_fields(settings_class)}
     for flag, names in shared_flags(parts).items():
