@@ -1,5 +1,5 @@
 """python -m src.dp_tune: choose the DP statistics' public settings (clipping radii, budget shares,
-covariance floor) on a public database, never on the private one.
+covariance floor, the DP probe's ridge) on a public database, never on the private one.
 
 The DP Gaussian release and the DP least-squares probe (src/dp_stats.py) take their radii and shares
 as public constants. This varies one of them at a time around the defaults, draws the noisy statistics
@@ -30,16 +30,19 @@ GRID: dict[str, tuple] = {  # each setting's values tried, the others at their d
     "dpg_residual_clip": (2.0, 3.0, 5.0, 10.0, 20.0),
     "dpg_shares": ((0.05, 0.05, 0.3, 0.6), (0.05, 0.05, 0.6, 0.3), (0.02, 0.03, 0.15, 0.8), (0.02, 0.02, 0.32, 0.64)),
     "covariance_floor": (0.1, 0.25, 0.5, 1.0),
+    "ridge": (0.0, 0.01, 0.1, 1.0),
 }
+CONSTANTS = {"covariance_floor": COVARIANCE_FLOOR, "ridge": RIDGE}  # the GRID entries that are not GaussMaking's
 
 
 def dp_probe_accuracies(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], num_classes: int,
-                        epsilon: float, making: GaussMaking, floor_share: float, draws: int) -> np.ndarray:
+                        epsilon: float, making: GaussMaking, draws: int, covariance_floor: float,
+                        ridge: float) -> np.ndarray:
     """Test accuracy (%) of the DP least-squares probe from `draws` noise draws (seeds 0 .. draws-1)."""
     scores, seeded = [], replace(making, dpg_seeded_noise_not_private=True)
     for draw in range(draws):
         stats = statistics_of(*train, num_classes, epsilon, seeded, seed=draw)
-        weight, bias = least_squares(stats.means, stats.covariance(floor_share), stats.class_sizes(), RIDGE)
+        weight, bias = least_squares(stats.means, stats.covariance(covariance_floor), stats.class_sizes(), ridge)
         scores.append(accuracy(test[1], (test[0] @ weight + bias).argmax(axis=1)))
     return np.asarray(scores)
 
@@ -51,10 +54,10 @@ def tuning_table(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, n
     default = GaussMaking()
     for name, values in GRID.items():
         for value in values:
-            floor = value if name == "covariance_floor" else COVARIANCE_FLOOR
-            making = default if name == "covariance_floor" else replace(default, **{name: value})
-            is_default = value == (COVARIANCE_FLOOR if name == "covariance_floor" else getattr(default, name))
-            scores = dp_probe_accuracies(train, test, num_classes, epsilon, making, floor, draws)
+            constants = {**CONSTANTS, **({name: value} if name in CONSTANTS else {})}
+            making = default if name in CONSTANTS else replace(default, **{name: value})
+            is_default = value == (CONSTANTS[name] if name in CONSTANTS else getattr(default, name))
+            scores = dp_probe_accuracies(train, test, num_classes, epsilon, making, draws, **constants)
             shown = " / ".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}"
             rows.append(f"| {name} | {shown}{' (default)' if is_default else ''} | "
                         f"{scores.mean():.2f} ± {scores.std(ddof=1) if draws > 1 else 0.0:.2f} |")
