@@ -219,7 +219,10 @@ def sdmetrics_dcr(queries: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
     Exact, in parts that avoid materialising queries x references x columns: the columns of range 0 add a
     count that depends on the query alone; on the others, scaled by their range, the sum is the L1 distance
     (torch.cdist) less the part of |q - r| above 1 that the clip removes, which only a query coordinate
-    outside the reference's range can have."""
+    outside the reference's range can have. A coordinate a whole range or more outside is 1 from every
+    reference: it enters cdist moved onto the range's edge, where it is s (q' - r) (s its side, +1 or -1),
+    and 1 - s q' + s r is added back by one matrix product. Only the coordinates less than a range
+    outside are corrected one by one (a noisy release has many coordinates far out, few near)."""
     queries, reference = queries.double(), reference.double()
     low, high = reference.min(dim=0).values, reference.max(dim=0).values
     constant = high == low
@@ -232,9 +235,15 @@ def sdmetrics_dcr(queries: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
     rows_per_block = max(1, PAIRWISE_ELEMENTS // max(1, len(reference)))
     for start in range(0, len(queries), rows_per_block):
         block = scaled_queries[start:start + rows_per_block]
-        sums = torch.cdist(block, scaled_reference, p=1) if block.shape[1] else block.new_zeros(len(block),
+        above, below = block - inside_high >= 1, inside_low - block >= 1
+        side = above.double() - below.double()  # +1 or -1 for a coordinate a range or more outside, else 0
+        moved = torch.where(above, inside_high, torch.where(below, inside_low, block))
+        sums = torch.cdist(moved, scaled_reference, p=1) if block.shape[1] else block.new_zeros(len(block),
                                                                                                  len(reference))
-        rows, columns = ((block < inside_low) | (block > inside_high)).nonzero(as_tuple=True)
+        sums += ((side != 0).sum(dim=1, keepdim=True) - (side * moved).sum(dim=1, keepdim=True)
+                 + side @ scaled_reference.T)
+        near_outside = ((block < inside_low) | (block > inside_high)) & (side == 0)
+        rows, columns = near_outside.nonzero(as_tuple=True)
         for first in range(0, len(rows), rows_per_block):  # the clipped excess, outside coordinates only
             row, column = rows[first:first + rows_per_block], columns[first:first + rows_per_block]
             excess = ((block[row, column, None] - scaled_reference[:, column].T).abs() - 1).clamp(min=0)

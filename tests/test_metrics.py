@@ -272,7 +272,8 @@ def test_sdmetrics_dcr_overfitting_protection_as_sdmetrics_computes_it():
     far = 4 * rng.normal(size=(15, 5))  # most coordinates outside the reference's range: the clip acts often
     far[:5, 4] = 1.0
     constant = np.ones((6, 5))  # every column of range 0
-    for queries, reference in ((far, train), (far, constant)):
+    very_far = far * np.array([1.0, 10.0, 100.0, 0.3, 1.0])  # whole ranges outside, near, and inside
+    for queries, reference in ((far, train), (far, constant), (very_far, train)):
         np.testing.assert_allclose(sdmetrics_dcr(torch.tensor(queries), torch.tensor(reference)),
                                    sdmetrics_dcr_oracle(queries, reference), rtol=1e-12)
     expected = 100 * np.mean(sdmetrics_dcr_oracle(released, train) < sdmetrics_dcr_oracle(released, test))
