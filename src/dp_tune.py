@@ -18,7 +18,7 @@ import numpy as np
 from src.anonymizers.dp_gaussian import GaussMaking
 from src.anonymizers.dp_probe import RIDGE, least_squares
 from src.cli import ArgumentParser, UserError, check_finite, run_cli
-from src.defaults import DEFAULT_ROOTS
+from src.defaults import DEFAULT_ROOTS, PAPER_BACKBONE
 from src.dp_stats import COVARIANCE_FLOOR, statistics_of
 from src.io import declared_classes, load_database
 from src.metrics import accuracy
@@ -68,7 +68,8 @@ def main() -> None:
     """python -m src.dp_tune: the DP statistics' public settings tried on a public database."""
     parser = ArgumentParser(description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     parser.add_argument("--dataset", required=True, help="a public dataset's name, e.g. digits")
-    parser.add_argument("--backbone", required=True, help="the backbone whose databases to read")
+    parser.add_argument("--backbone", default=PAPER_BACKBONE,
+                        help=f"whose databases to read (default {PAPER_BACKBONE})")
     parser.add_argument("--database_root", type=Path, default=DEFAULT_ROOTS["database_root"],
                         help="where create_db.py wrote them (default assets/database)")
     parser.add_argument("--epsilon", type=float, required=True, help="the budget to tune at")
