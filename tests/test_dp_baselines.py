@@ -140,6 +140,32 @@ def test_least_squares_from_statistics_is_least_squares_on_the_rows():
     np.testing.assert_allclose(bias, direct[-1], atol=1e-8)
 
 
+def test_least_squares_of_clipped_records_zeroes_the_autograd_gradient_of_their_loss():
+    """The DP probe's per-record clipping, against autograd: from the statistics of rows clipped one by one,
+    least_squares returns the minimiser of the mean squared loss of those clipped records (plus the ridge),
+    so the loss's gradient, each record's taken by autograd and summed, vanishes there."""
+    import torch
+
+    x, y, _, _ = mixture(150, 6, 4, seed=9)
+    clipped = clip_rows(x, 0.6 * float(np.median(np.linalg.norm(x, axis=1))))  # about half the rows clipped
+    exact = exact_statistics(clipped, y, 4)
+    ridge = 0.05
+    weight, bias = least_squares(exact.means, exact.covariance(), exact.class_sizes(), ridge)
+    w = torch.tensor(weight, requires_grad=True)
+    b = torch.tensor(bias, requires_grad=True)
+    targets = torch.eye(4, dtype=torch.float64)[torch.from_numpy(y)]
+    gradient_w, gradient_b = torch.zeros_like(w), torch.zeros_like(b)
+    for row, target in zip(torch.from_numpy(clipped), targets):  # per record, then summed
+        loss = 0.5 * ((row @ w + b - target) ** 2).sum() / len(y)
+        grad_w, grad_b = torch.autograd.grad(loss, (w, b))
+        gradient_w += grad_w
+        gradient_b += grad_b
+    gradient_w += ridge * w.detach()  # the ridge's own gradient
+    assert float(gradient_w.abs().max()) < 1e-10 and float(gradient_b.abs().max()) < 1e-10
+    moved = least_squares(exact.means, exact.covariance(), exact.class_sizes(), 2 * ridge)[0]
+    assert np.abs(moved - weight).max() > 1e-4  # the ridge enters: the check can tell them apart
+
+
 def test_dp_probe_and_release_classify_a_mixture_at_epsilon_1():
     x, y, _, _ = mixture(1000, 8, 4, seed=6)
     test_x, test_y, _, _ = mixture(250, 8, 4, seed=6, sample_seed=1)  # same model, held-out records
