@@ -216,37 +216,39 @@ def sdmetrics_dcr(queries: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
     `reference`. A column of range 0 gives 0 / 0 = NaN where values agree, which pandas' mean skips, and 1
     where they differ; so here.
 
-    Exact, in parts that avoid materialising queries x references x columns: the columns of range 0 add a
-    count that depends on the query alone; on the others, scaled by their range, the sum is the L1 distance
-    (torch.cdist) less the part of |q - r| above 1 that the clip removes, which only a query coordinate
-    outside the reference's range can have. A coordinate a whole range or more outside is 1 from every
-    reference: it enters cdist moved onto the range's edge, where it is s (q' - r) (s its side, +1 or -1),
-    and 1 - s q' + s r is added back by one matrix product. Only the coordinates less than a range
-    outside are corrected one by one (a noisy release has many coordinates far out, few near)."""
+    Exact, without materialising queries x references x columns: the columns of range 0 add a count that
+    depends on the query alone; the others are shifted and scaled so that the reference spans [0, 1] in each.
+    Inside that range a query coordinate adds |q - r| (torch.cdist). Outside it, q - r has the same sign s
+    for every reference, so min(|q - r|, 1) = (s (q - r) + 1 - |q - s - r|) / 2: a part linear in r (a
+    matrix product) and an L1 distance to q - s (a second cdist). In each cdist, the coordinates that belong
+    to the other stand at the range's top edge h, where |h - r| = h - r is linear too and taken out by the
+    same product. A release far outside the data (large DP noise) thus costs two cdists, not a pass over
+    every reference for each outside coordinate."""
     queries, reference = queries.double(), reference.double()
     low, high = reference.min(dim=0).values, reference.max(dim=0).values
     constant = high == low
     differing = (queries[:, constant] != low[constant]).sum(dim=1).double()  # range-0 columns counting 1
     counted = (int((~constant).sum()) + differing).clamp(min=1)  # the columns pandas' mean does not skip
-    spread = (high - low)[~constant]
-    scaled_queries, scaled_reference = queries[:, ~constant] / spread, reference[:, ~constant] / spread
+    offset, spread = low[~constant], (high - low)[~constant]
+    scaled_queries, scaled_reference = ((x[:, ~constant] - offset) / spread for x in (queries, reference))
     inside_low, inside_high = scaled_reference.min(dim=0).values, scaled_reference.max(dim=0).values
     nearest = torch.empty(len(queries), dtype=torch.float64, device=queries.device)
     rows_per_block = max(1, PAIRWISE_ELEMENTS // max(1, len(reference)))
     for start in range(0, len(queries), rows_per_block):
         block = scaled_queries[start:start + rows_per_block]
-        above, below = block - inside_high >= 1, inside_low - block >= 1
-        side = above.double() - below.double()  # +1 or -1 for a coordinate a range or more outside, else 0
-        moved = torch.where(above, inside_high, torch.where(below, inside_low, block))
-        sums = torch.cdist(moved, scaled_reference, p=1) if block.shape[1] else block.new_zeros(len(block),
-                                                                                                 len(reference))
-        sums += ((side != 0).sum(dim=1, keepdim=True) - (side * moved).sum(dim=1, keepdim=True)
-                 + side @ scaled_reference.T)
-        near_outside = ((block < inside_low) | (block > inside_high)) & (side == 0)
-        rows, columns = near_outside.nonzero(as_tuple=True)
-        for first in range(0, len(rows), rows_per_block):  # the clipped excess, outside coordinates only
-            row, column = rows[first:first + rows_per_block], columns[first:first + rows_per_block]
-            excess = ((block[row, column, None] - scaled_reference[:, column].T).abs() - 1).clamp(min=0)
-            sums.index_add_(0, row, -excess)
+        if not block.shape[1]:
+            nearest[start:start + rows_per_block] = 0.0
+            continue
+        side = (block > inside_high).double() - (block < inside_low).double()  # s outside the range, 0 inside
+        outside = side != 0
+        sums = torch.cdist(torch.where(outside, inside_high, block), scaled_reference, p=1)
+        rows = outside.any(dim=1).nonzero(as_tuple=True)[0]  # the others (copies among them) stay exact
+        if len(rows):
+            block, side, outside = block[rows], side[rows], outside[rows]
+            to_distance = torch.where(outside, block - side, inside_high)
+            edge = inside_high.expand_as(block)
+            constant_part = torch.where(outside, (side * block + 1) / 2 - edge, edge / 2).sum(dim=1, keepdim=True)
+            linear_part = torch.where(outside, 1 - side / 2, torch.full_like(block, -0.5)) @ scaled_reference.T
+            sums[rows] += constant_part + linear_part - torch.cdist(to_distance, scaled_reference, p=1) / 2
         nearest[start:start + rows_per_block] = sums.min(dim=1).values
     return ((nearest + differing) / counted).cpu().numpy()
