@@ -389,6 +389,9 @@ def plot_dp_curve(cells: list[Cell], out_dir: Path, plt) -> list[Path]:
                     axis.axhline(points[math.inf].mean, color=f"C{index}", linestyle="--",
                                  label=f"{method} (no DP)")
             axis.set(xscale="log", xlabel="epsilon (delta 1e-5)", ylabel=f"{metric} (%)", title=dataset)
+            ticks = sorted({e for points in rows.values() for e in points if math.isfinite(e)})
+            axis.set_xticks(ticks, [f"{e:g}" for e in ticks])  # the sweep's epsilons, not log decades
+            axis.minorticks_off()
         axes[0][-1].legend(fontsize="small")
         written.append(save_figure(figure, out_dir / f"dp_curve_{dataset}.png"))
         plt.close(figure)
