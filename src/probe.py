@@ -99,6 +99,7 @@ def train_probe(train_source: TrainSource, val_x: torch.Tensor, val_y: torch.Ten
                             "loss; delete it to retrain")
         if "train_s" in history:
             return model.eval(), {**history, "from_checkpoint": True}
+        model = seeded_linear(val_x.shape[1], num_classes, seed).to(device)  # trained again from the seed's init
 
     with one_cpu_thread():
         model, history = _fit(model, train_source, val_x, val_y, training, device, seed)

@@ -113,8 +113,9 @@ def test_checkpoint_is_reused_only_for_the_same_key(tmp_path):
     saved = torch.load(path, weights_only=True)
     del saved["history"]["train_s"]  # a checkpoint of older code: it is trained again
     torch.save(saved, path)
-    _, again = train_probe(tensors(*train), *tensors(*val), 3, config, CPU, 0, checkpoint=path)
+    retrained, again = train_probe(tensors(*train), *tensors(*val), 3, config, CPU, 0, checkpoint=path)
     assert not again["from_checkpoint"] and "train_s" in torch.load(path, weights_only=True)["history"]
+    assert torch.equal(retrained.weight, trained.weight)  # from the seed's init, not the old file's weights
 
     path.write_bytes(b"truncated")
     with pytest.raises(UserError, match="probe checkpoint .* delete it"):
