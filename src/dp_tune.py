@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from src.anonymizers.dp_gaussian import GaussMaking
 from src.anonymizers.dp_probe import RIDGE, least_squares
@@ -52,15 +53,15 @@ def tuning_table(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, n
     """The Markdown table of GRID: one row per setting and value, the defaults marked."""
     rows = ["| setting | value | DP least-squares accuracy (%) |", "|---|---|---|"]
     default = GaussMaking()
-    for name, values in GRID.items():
-        for value in values:
-            constants = {**CONSTANTS, **({name: value} if name in CONSTANTS else {})}
-            making = default if name in CONSTANTS else replace(default, **{name: value})
-            is_default = value == (CONSTANTS[name] if name in CONSTANTS else getattr(default, name))
-            scores = dp_probe_accuracies(train, test, num_classes, epsilon, making, draws, **constants)
-            shown = " / ".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}"
-            rows.append(f"| {name} | {shown}{' (default)' if is_default else ''} | "
-                        f"{scores.mean():.2f} ± {scores.std(ddof=1) if draws > 1 else 0.0:.2f} |")
+    trials = [(name, value) for name, values in GRID.items() for value in values]
+    for name, value in tqdm(trials, desc="settings", leave=False, disable=None):
+        constants = {**CONSTANTS, **({name: value} if name in CONSTANTS else {})}
+        making = default if name in CONSTANTS else replace(default, **{name: value})
+        is_default = value == (CONSTANTS[name] if name in CONSTANTS else getattr(default, name))
+        scores = dp_probe_accuracies(train, test, num_classes, epsilon, making, draws, **constants)
+        shown = " / ".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}"
+        rows.append(f"| {name} | {shown}{' (default)' if is_default else ''} | "
+                    f"{scores.mean():.2f} ± {scores.std(ddof=1) if draws > 1 else 0.0:.2f} |")
     return "\n".join(rows)
 
 
