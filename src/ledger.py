@@ -109,7 +109,9 @@ def spent_epsilon(mechanisms: list[dict], delta: float) -> float:
     pure = [mechanism for mechanism in mechanisms if mechanism["mechanism"] == "laplace"]
     rest = [mechanism for mechanism in mechanisms if mechanism["mechanism"] != "laplace"]
     pure_epsilon = sum(mechanism["epsilon"] for mechanism in pure)
-    bounds = [rdp_epsilon(mechanisms, delta), rdp_epsilon(rest, delta) + pure_epsilon]
+    bounds = [rdp_epsilon(mechanisms, delta)]
+    if pure:  # without pure parts, basic composition is the Renyi bound above again
+        bounds.append(rdp_epsilon(rest, delta) + pure_epsilon)
     if all(mechanism["mechanism"] == "gaussian" for mechanism in rest):
         bounds.append(gdp_epsilon(rest, delta) + pure_epsilon)
     return min(bounds)
