@@ -231,14 +231,13 @@ def sdmetrics_dcr(queries: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
     counted = (int((~constant).sum()) + differing).clamp(min=1)  # the columns pandas' mean does not skip
     offset, spread = low[~constant], (high - low)[~constant]
     scaled_queries, scaled_reference = ((x[:, ~constant] - offset) / spread for x in (queries, reference))
+    if not scaled_queries.shape[1]:  # every column of range 0: only the count differs
+        return (differing / counted).cpu().numpy()
     inside_low, inside_high = scaled_reference.min(dim=0).values, scaled_reference.max(dim=0).values
     nearest = torch.empty(len(queries), dtype=torch.float64, device=queries.device)
     rows_per_block = max(1, PAIRWISE_ELEMENTS // max(1, len(reference)))
     for start in range(0, len(queries), rows_per_block):
         block = scaled_queries[start:start + rows_per_block]
-        if not block.shape[1]:
-            nearest[start:start + rows_per_block] = 0.0
-            continue
         side = (block > inside_high).double() - (block < inside_low).double()  # s outside the range, 0 inside
         outside = side != 0
         sums = torch.cdist(torch.where(outside, inside_high, block), scaled_reference, p=1)
